@@ -100,7 +100,7 @@ def list_tables(warehouse: Path = WAREHOUSE_DIR) -> list[TableInfo]:
     con, owners = open_readonly(warehouse)
     try:
         return [
-            TableInfo(t, s, con.execute(f"SELECT count(*) FROM {_quote(t)}").fetchone()[0])
+            TableInfo(t, s, con.execute(f"SELECT count(*) FROM {_quote(t)}").fetchall()[0][0])
             for t, s in sorted(owners.items(), key=lambda kv: (kv[1], kv[0]))
         ]
     finally:
@@ -178,4 +178,4 @@ def write_table(con: duckdb.DuckDBPyConnection, name: str, data: object) -> int:
         con.execute(f"CREATE OR REPLACE TABLE {_quote(name)} AS SELECT * FROM _fret_incoming")
     finally:
         con.unregister("_fret_incoming")
-    return con.execute(f"SELECT count(*) FROM {_quote(name)}").fetchone()[0]
+    return con.execute(f"SELECT count(*) FROM {_quote(name)}").fetchall()[0][0]

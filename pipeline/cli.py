@@ -1,0 +1,117 @@
+"""`fret`: the command line.
+
+Heavy libraries (torch, transformers, outlines, mteb) are imported only inside the commands that
+need them, so `fret --help`, `fret sql` and `fret tables` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.warehouse import WAREHOUSE_DIR
+
+warehouse_option = click.option(
+    "--warehouse",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=WAREHOUSE_DIR,
+    show_default=True,
+    help="Folder of stage DuckDB files.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """fret: distil an LLM into a text-embedding model (Gecko / FRet) with DVC + DuckDB."""
+
+
+@main.command("sql")
+@click.argument("query")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write here, not stdout.")
+@click.option("--max-rows", type=int, default=50, show_default=True, help="Rows printed by --format table.")
+@warehouse_option
+def sql_command(query: str, fmt: str, output: Path | None, max_rows: int, warehouse: Path) -> None:
+    """Run a read-only QUERY over every warehouse table, by bare name."""
+    from pipeline import sqlshell
+
+    try:
+        result = sqlshell.run_query(query, warehouse)
+    except sqlshell.QueryRefused as err:
+        raise click.ClickException(str(err)) from None
+    except sqlshell.duckdb.Error as err:
+        raise click.ClickException(f"query failed: {err}") from None
+    if fmt == "parquet" and output is None:
+        raise click.ClickException("--format parquet needs --output FILE")
+    sqlshell.emit(result, fmt, output, max_rows)
+
+
+@main.command("tables")
+@warehouse_option
+def tables_command(warehouse: Path) -> None:
+    """List every warehouse table with its row count and the stage that wrote it."""
+    from pipeline import sqlshell
+    from pipeline.warehouse import list_tables
+
+    infos = list_tables(warehouse)
+    if not infos:
+        click.echo(f"no stage files in {warehouse}/ yet: run `dvc repro`")
+        return
+    rows = [(t.name, t.stage, t.rows) for t in infos]
+    click.echo(sqlshell.format_table(["table", "stage", "rows"], rows, max_rows=len(rows)))
+
+
+@main.command("models")
+@click.option("--sql-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sql"), show_default=True)
+def models_command(sql_dir: Path) -> None:
+    """List the SQL models in build order with their dependencies."""
+    from pipeline import sqlshell
+    from pipeline.models import ModelError, load_models
+
+    try:
+        models = load_models(sql_dir)
+    except ModelError as err:
+        raise click.ClickException(str(err)) from None
+    rows = [(m.name, ", ".join(m.deps) or "-", m.path.as_posix()) for m in models]
+    click.echo(sqlshell.format_table(["model", "depends on", "file"], rows, max_rows=len(rows)))
+
+
+@main.command("build")
+@click.option("--sql-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sql"), show_default=True)
+@click.option("--stage", default="triples", show_default=True, help="Stage file the models are built into.")
+@click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path), default=Path("params.yaml"))
+@warehouse_option
+def build_command(sql_dir: Path, stage: str, params_file: Path, warehouse: Path) -> None:
+    """Build every SQL model into warehouse/<stage>.duckdb and run the schema.yml data tests."""
+    from pipeline.models import ModelError, build_models
+    from pipeline.params import ParamsError, load_params, sql_variables
+
+    try:
+        params = load_params(params_file)
+        result = build_models(sql_dir, stage=stage, variables=sql_variables(params), warehouse=warehouse)
+    except (ModelError, ParamsError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(result.summary())
+
+
+@main.command("params")
+@click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path), default=Path("params.yaml"))
+def params_command(params_file: Path) -> None:
+    """Validate a params file and print the effective values (defaults filled in)."""
+    import yaml
+
+    from pipeline.params import ParamsError, load_params
+
+    try:
+        params = load_params(params_file)
+    except ParamsError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""params.yaml validation: every bad value fails before work starts, naming file, key and line."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.params import ParamsError, load_params, sql_variables
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "1", "text": "a b c d e"}\n')
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_fill_missing_sections(tmp_path):
+    params = load_params(write(tmp_path, "corpus:\n  path: corpus.jsonl\n"))
+    assert params.base.seed == 42
+    assert params.corpus.max_words == 256
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("base:\n  seeed: 1\n", "base.seeed: unknown key", 2),
+        ("base:\n  threads: -1\n", "base.threads", 2),
+        ("base:\n  threads: many\n", "base.threads", 2),
+        ("base:\n  device: tpu\n", "base.device", 2),
+        ("corpus:\n  path: missing.jsonl\n", "corpus.path: corpus file or folder not found", 2),
+        ("corpus:\n  path: corpus.jsonl\n  max_words: 3\n", "corpus.max_words", 3),
+        ("corpus:\n  path: corpus.jsonl\n  on_error: ignore\n", "corpus.on_error", 3),
+        ("nonsense: {}\n", "nonsense: unknown key", 1),
+    ],
+)
+def test_bad_values_name_file_key_and_line(tmp_path, text, key, line):
+    path = write(tmp_path, text)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert f"{path}:{line}: {key}" in str(err.value)
+
+
+def test_cross_field_rule(tmp_path):
+    path = write(tmp_path, "corpus:\n  path: corpus.jsonl\n  max_words: 10\n  overlap_words: 10\n")
+    with pytest.raises(ParamsError, match="overlap_words .10. must be smaller than max_words"):
+        load_params(path)
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(write(tmp_path, "base: [\n"))
+    with pytest.raises(ParamsError, match="mapping of sections"):
+        load_params(write(tmp_path, "- 1\n"))
+
+
+def test_sql_variables_flatten_sections(tmp_path):
+    params = load_params(write(tmp_path, "base:\n  seed: 7\ncorpus:\n  path: corpus.jsonl\n"))
+    variables = sql_variables(params)
+    assert variables["base_seed"] == 7
+    assert variables["corpus_path"] == "corpus.jsonl"
+
+
+def test_repo_params_file_is_valid():
+    root = Path(__file__).resolve().parents[1]
+    load_params(root / "params.yaml")
