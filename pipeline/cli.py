@@ -89,11 +89,12 @@ def build_command(sql_dir: Path, stage: str, params_file: Path, warehouse: Path)
     """Build every SQL model into warehouse/<stage>.duckdb and run the schema.yml data tests."""
     from pipeline.models import ModelError, build_models
     from pipeline.params import ParamsError, load_params, sql_variables
+    from pipeline.warehouse import WarehouseError
 
     try:
         params = load_params(params_file)
         result = build_models(sql_dir, stage=stage, variables=sql_variables(params), warehouse=warehouse)
-    except (ModelError, ParamsError) as err:
+    except (ModelError, ParamsError, WarehouseError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(result.summary())
 
