@@ -1,0 +1,106 @@
+"""Stage `neighbors`: embed passages and queries, mine each query's top N passages.
+
+Tables in `warehouse/neighbors.duckdb`: `neighbors` (query_id, passage_id, knn_rank, knn_score),
+`seed_ranks` (query_id, seed_passage_id, seed_rank, seed_score), `passage_embeddings` and
+`query_embeddings` (id, embedding FLOAT[d]). Embeddings go through the cache in `encoder.cache_path`.
+Run from the repository root: `python -m python_steps.neighbors`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow.compute as pc
+
+from pipeline.embedding_cache import CacheStats, open_cache
+from pipeline.knn import MiningResult, mine_neighbors
+from pipeline.params import PARAMS_FILE, Params, ParamsError, load_params
+from pipeline.warehouse import WarehouseError, write_stage, write_table
+
+STAGE = "neighbors"
+UPSTREAM = ["passages", "queries"]
+
+
+def main() -> None:
+    started = time.perf_counter()
+    try:
+        params = load_params(PARAMS_FILE)
+    except ParamsError as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    from pipeline.encoder import Encoder, EncoderError, TextFormat  # torch: only once params are valid
+
+    enc = params.encoder
+    try:
+        encoder = Encoder.load(
+            enc.model,
+            device=params.base.device,
+            dtype=enc.dtype,
+            max_length=enc.max_length,
+            threads=params.base.threads,
+        )
+    except EncoderError as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    load_seconds = time.perf_counter() - started
+    cache = open_cache(enc.cache_path)
+    try:
+        with write_stage(STAGE, upstream=UPSTREAM) as con:
+            # Sorted reads make the output independent of upstream row order (ties go to the lower id).
+            passages = con.sql("SELECT passage_id, title, text FROM passages ORDER BY passage_id").to_arrow_table()
+            queries = con.sql(
+                "SELECT query_id, passage_id, task, query FROM queries ORDER BY query_id"
+            ).to_arrow_table()
+            result = mine_neighbors(
+                passages,
+                queries,
+                encoder,
+                TextFormat.from_params(enc),
+                cache,
+                top_n=params.neighbors.top_n,
+                batch_size=enc.batch_size,
+                block_size=params.neighbors.block_size,
+                query_block_size=params.neighbors.query_block_size,
+                progress=True,
+            )
+            rows = {name: write_table(con, name, table) for name, table in result.tables.items()}
+    except WarehouseError as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    finally:
+        if cache is not None:
+            cache.close()
+    print(summary(result, rows, params, encoder, load_seconds, time.perf_counter() - started))
+
+
+def _embed_line(what: str, stats: CacheStats, seconds: float) -> str:
+    rate = f"{stats.embedded / seconds:,.0f} {what}/s" if stats.embedded and seconds > 0 else "nothing to embed"
+    return (
+        f"  embed {what}: {stats.texts:,} texts ({stats.unique:,} distinct), {stats.hits:,} cached, "
+        f"{stats.embedded:,} embedded in {seconds:.2f} s: {rate}"
+    )
+
+
+def summary(result: MiningResult, rows: dict[str, int], params: Params, encoder, load_s: float, total_s: float) -> str:
+    """One screen: rows written, timings, throughput, cache use, and how often the seed comes back."""
+    s = result.seconds
+    seeds = result.tables["seed_ranks"]["seed_rank"]
+    n = max(len(seeds), 1)
+    at_1 = pc.sum(pc.equal(seeds, 1)).as_py() or 0
+    found = len(seeds) - seeds.null_count
+    top_n = params.neighbors.top_n
+    return "\n".join(
+        [
+            f"{STAGE}: {rows['neighbors']:,} neighbors ({rows['seed_ranks']:,} queries x top {top_n}) over "
+            f"{rows['passage_embeddings']:,} passages in {total_s:.2f} s",
+            f"  encoder {encoder.identity} on {encoder.device.type}, {encoder.dtype}, max_length {encoder.max_length},"
+            f" loaded in {load_s:.2f} s",
+            _embed_line("passages", result.passage_stats, s["embed_passages"]),
+            _embed_line("queries", result.query_stats, s["embed_queries"]),
+            f"  search {s['search']:.2f} s (exact, blocks of {params.neighbors.query_block_size} queries x "
+            f"{params.neighbors.block_size} passages)",
+            f"  seed passage at rank 1 for {at_1 / n:.1%} of queries, in the top {top_n} for {found / n:.1%} "
+            f"(table seed_ranks)",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""pipeline/encoder.py: same vectors as sentence-transformers, saves what it loads, training hooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fixtures_encoder import MAX_POSITIONS, SENTENCES, make_texts
+from fixtures_encoder import tiny_bert_dir, tiny_encoder, tiny_st_dir  # noqa: F401 - fixtures
+
+torch = pytest.importorskip("torch")
+from pipeline.encoder import Encoder, EncoderError, TextFormat  # noqa: E402
+
+
+def _st_encode(folder: Path, texts: list[str], batch_size: int = 4) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device="cpu")
+    return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def test_matches_sentence_transformers_on_plain_folder(tiny_bert_dir, tiny_encoder):
+    texts = make_texts(23) + ["", "x"]
+    assert max(len(ids) for ids in tiny_encoder.tokenize(texts)) == MAX_POSITIONS  # truncation happens
+    ours = tiny_encoder.encode(texts, batch_size=5)
+    theirs = _st_encode(tiny_bert_dir, texts)
+    assert ours.dtype == np.float32 and ours.shape == (len(texts), tiny_encoder.dim)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
+
+
+def test_saved_folder_round_trips_through_sentence_transformers(tiny_encoder, tiny_st_dir):
+    texts = make_texts(11)
+    modules = json.loads((tiny_st_dir / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
+    assert json.loads((tiny_st_dir / "sentence_bert_config.json").read_text())["max_seq_length"] == MAX_POSITIONS
+    ours = tiny_encoder.encode(texts)
+    np.testing.assert_allclose(_st_encode(tiny_st_dir, texts), ours, atol=1e-5)
+    reloaded = Encoder.load(tiny_st_dir, device="cpu")
+    assert reloaded.fingerprint == tiny_encoder.fingerprint
+    np.testing.assert_array_equal(reloaded.encode(texts), ours)
+
+
+def test_save_replaces_an_existing_folder(tiny_encoder, tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "stale.txt").write_text("from an older save")
+    tiny_encoder.save(target)
+    assert not (target / "stale.txt").exists()
+    assert (target / "modules.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporaries left behind
+
+
+def test_batching_and_order_do_not_change_vectors(tiny_encoder):
+    texts = make_texts(17)
+    one_by_one = np.stack([tiny_encoder.encode([t])[0] for t in texts])
+    np.testing.assert_allclose(tiny_encoder.encode(texts, batch_size=4), one_by_one, atol=1e-5)
+    assert tiny_encoder.encode([]).shape == (0, tiny_encoder.dim)
+
+
+def test_embed_has_gradients_and_matches_encode(tiny_encoder):
+    texts = make_texts(6)
+    vectors = tiny_encoder.embed(texts)
+    assert vectors.requires_grad and vectors.dtype == torch.float32
+    vectors.sum().backward()
+    grads = [p.grad for p in tiny_encoder.module.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    tiny_encoder.module.zero_grad(set_to_none=True)
+    np.testing.assert_allclose(vectors.detach().numpy(), tiny_encoder.encode(texts), atol=1e-5)
+
+
+def test_identity_follows_weights_and_settings(tiny_bert_dir):
+    encoder = Encoder.load(tiny_bert_dir, device="cpu")
+    before, fingerprint = encoder.identity, encoder.fingerprint
+    assert before.startswith("tiny_bert") and "@" in before
+    assert encoder.identity == before  # stable when nothing changed
+    with torch.no_grad():
+        next(encoder.module.parameters()).add_(1e-3)  # what an optimizer step does
+    assert encoder.identity != before and encoder.fingerprint != fingerprint
+    shorter = Encoder.load(tiny_bert_dir, device="cpu", max_length=16)
+    assert shorter.identity == before and shorter.fingerprint != fingerprint
+
+
+def test_bfloat16_autocast_stays_close(tiny_bert_dir, tiny_encoder):
+    texts = make_texts(8)
+    bf16 = Encoder.load(tiny_bert_dir, device="cpu", dtype="bfloat16")
+    cosine = np.sum(bf16.encode(texts) * tiny_encoder.encode(texts), axis=1)
+    assert cosine.min() > 0.99
+    assert bf16.fingerprint != tiny_encoder.fingerprint  # cached vectors never mix dtypes
+
+
+def test_refuses_other_poolings_and_missing_folders(tiny_st_dir, tmp_path):
+    import shutil
+
+    cls_model = tmp_path / "cls"
+    shutil.copytree(tiny_st_dir, cls_model)
+    config = json.loads((cls_model / "1_Pooling" / "config.json").read_text())
+    config.update(pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
+    (cls_model / "1_Pooling" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EncoderError, match="mean pooling"):
+        Encoder.load(cls_model, device="cpu")
+    with pytest.raises(EncoderError, match="not a model folder"):
+        Encoder.load(tmp_path / "nowhere")
+    with pytest.raises(EncoderError, match="exceeds"):
+        Encoder.load(tiny_st_dir, device="cpu", max_length=MAX_POSITIONS + 1)
+
+
+def test_text_format_is_geckos_unified_format():
+    fmt = TextFormat()
+    assert fmt.query("fact checking", "is the sky blue?") == "task: fact checking | query: is the sky blue?"
+    assert fmt.passage("Sky", "It is blue.") == "title: Sky | text: It is blue."
+    assert fmt.passages([None, "  "], ["a", "b"]) == ["title: none | text: a", "title: none | text: b"]
+    assert TextFormat(passage_template="{text}").passage("T", "body") == "body"
+
+
+@pytest.mark.slow
+def test_minilm_matches_sentence_transformers():
+    from pipeline.encoder import resolve_model_path
+
+    encoder = Encoder.load("minilm", device="cpu")
+    assert encoder.name == "all-MiniLM-L6-v2" and encoder.max_length == 256 and encoder.dim == 384
+    # Short texts and ones past 256 tokens, so truncation is compared too.
+    texts = make_texts(40) + [" ".join(SENTENCES * 6)]
+    assert max(len(ids) for ids in encoder.tokenize(texts)) == 256
+    theirs = _st_encode(resolve_model_path("minilm")[0], texts, 16)
+    np.testing.assert_allclose(encoder.encode(texts, 16), theirs, atol=1e-5)
