@@ -307,11 +307,21 @@ class GenerateParams(Section):
         return self
 
 
+class ScoreParams(Section):
+    """Stage `llm_scores`: the LLM scores every mined (query, passage) pair by QL and RC."""
+
+    # Prompts per forward pass, after the passage's shared prefix (computed once per passage).
+    batch_size: int = Field(16, ge=1, le=1024)
+    # Passages are cut to this many LLM tokens in the prompts (prompt length drives the cost on CPU).
+    max_passage_tokens: int = Field(384, ge=8)
+
+
 class Params(Section):
     base: BaseParams = BaseParams()
     corpus: CorpusParams = CorpusParams()
     llm: LLMParams = LLMParams()
     generate: GenerateParams = GenerateParams()
+    score: ScoreParams = ScoreParams()
     encoder: EncoderParams = EncoderParams()
     neighbors: NeighborsParams = NeighborsParams()
     select: SelectParams = SelectParams()

@@ -1,0 +1,133 @@
+"""Gecko's contrastive loss, with false-negative masking and Matryoshka sub-dimensions.
+
+For query q_i the candidates are every positive p_j and hard negative n_j in the batch and every
+other query q_j (same-tower negatives); the target is p_i. Logits are cosine / temperature and the
+loss is the cross-entropy of the softmax over the candidates that are valid for q_i:
+
+    L_i = -log( exp(s(q_i, p_i)) / sum_{c valid for i} exp(s(q_i, c)) ),   s = cos / temperature
+
+Candidate columns are laid out [p_0..p_{B-1} | n_0..n_{B-1} | q_0..q_{B-1}]. A candidate is not a
+negative for q_i (masked out) when it is the same passage as p_i (same id), or its underlying text
+equals q_i's or p_i's text (the same passage under another id, a repeated query, or the two
+directions of a symmetric pair), or it is q_i itself, or it is a missing hard negative.
+
+Imported only by the train stage (torch loads at import time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: texts already in the unified format, plus what masking compares.
+
+    Attributes:
+        query, positive, negative: the texts the encoder embeds (negative None when there is none).
+        query_text, positive_text, negative_text: the raw texts before formatting.
+        positive_id, negative_id: passage ids (negative_id None when there is no negative).
+    """
+
+    query: str
+    positive: str
+    negative: str | None
+    query_text: str
+    positive_text: str
+    negative_text: str | None
+    positive_id: str
+    negative_id: str | None
+
+
+def _codes(values: Sequence[str | None], vocabulary: dict[str, int]) -> torch.Tensor:
+    """Small integers standing for strings, so equality tests run as tensor ops; None -> -1."""
+    return torch.tensor([-1 if v is None else vocabulary.setdefault(v, len(vocabulary)) for v in values])
+
+
+def candidate_mask(batch: Sequence[Example]) -> torch.Tensor:
+    """Which candidates count in each query's softmax: bool (B, 3B), columns [p | n | q].
+
+    The target p_i (column i of row i) is always valid.
+    """
+    ids: dict[str, int] = {}
+    texts: dict[str, int] = {}
+    pos_id = _codes([e.positive_id for e in batch], ids)
+    neg_id = _codes([e.negative_id for e in batch], ids)
+    q_text = _codes([e.query_text for e in batch], texts)
+    p_text = _codes([e.positive_text for e in batch], texts)
+    n_text = _codes([e.negative_text for e in batch], texts)
+    own_q, own_p = q_text[:, None], p_text[:, None]  # row i's texts against every column j
+
+    def differs(text: torch.Tensor) -> torch.Tensor:
+        return (text[None, :] != own_q) & (text[None, :] != own_p)
+
+    valid_p = (pos_id[None, :] != pos_id[:, None]) & differs(p_text)
+    valid_p.fill_diagonal_(True)
+    valid_n = (neg_id[None, :] >= 0) & (neg_id[None, :] != pos_id[:, None]) & differs(n_text)
+    valid_q = differs(q_text)  # also drops q_i itself, whose text equals its own
+    return torch.cat([valid_p, valid_n, valid_q], dim=1)
+
+
+def mrl_dims(full_dim: int, dims: Sequence[int]) -> list[int]:
+    """The sub-dimensions to train, largest first, always including the full dimension.
+
+    Raises:
+        ValueError: a dimension exceeds the model's.
+    """
+    too_big = [d for d in dims if d > full_dim]
+    if too_big:
+        raise ValueError(f"train.mrl_dims {list(dims)}: {too_big} exceed the encoder's dimension {full_dim}")
+    return sorted({full_dim, *dims}, reverse=True)
+
+
+class GeckoLoss(torch.nn.Module):
+    """In-batch + hard-negative + same-tower softmax loss, averaged over Matryoshka dimensions.
+
+    Args:
+        temperature: cosine similarities are divided by it.
+        mrl_dims: leading sub-dimensions also trained (each re-normalised); the full one is implied.
+    """
+
+    def __init__(self, temperature: float = 0.05, mrl_dims: Sequence[int] = ()) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.mrl_dims = list(mrl_dims)
+
+    def forward(self, encoder, batch: Sequence[Example]) -> torch.Tensor:
+        """Embed the batch with `encoder` (an `Encoder`) and return the scalar loss."""
+        q = encoder.embed([e.query for e in batch])
+        have_negative = [i for i, e in enumerate(batch) if e.negative is not None]
+        # Positives and negatives are both passages: one forward pass pads them together.
+        docs = encoder.embed([e.positive for e in batch] + [batch[i].negative for i in have_negative])
+        p = docs[: len(batch)]
+        # Missing negatives stay zero rows; the mask keeps them out of every softmax.
+        n = p.new_zeros(p.shape)
+        if have_negative:
+            n = n.index_copy(0, torch.tensor(have_negative, device=p.device), docs[len(batch) :])
+        return self.compute_loss_from_embeddings(q, p, n, candidate_mask(batch).to(p.device))
+
+    def compute_loss_from_embeddings(
+        self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss from embeddings q, p, n (B, d) and the candidate mask (B, 3B) of `candidate_mask`.
+
+        Each Matryoshka dimension k uses the first k coordinates, re-normalised; the losses are averaged.
+        """
+        batch = q.shape[0]
+        candidates = torch.cat([p, n, q], dim=0)
+        target = torch.arange(batch, device=q.device)
+        losses = []
+        for dim in mrl_dims(q.shape[1], self.mrl_dims):
+            # Re-normalising after the slice keeps every sub-space a cosine space.
+            qk = F.normalize(q[:, :dim], dim=1)
+            ck = F.normalize(candidates[:, :dim], dim=1)
+            logits = (qk @ ck.T) / self.temperature
+            logits = logits.masked_fill(~mask, float("-inf"))
+            losses.append(F.cross_entropy(logits, target))
+        return torch.stack(losses).mean()

@@ -1,0 +1,178 @@
+"""GeckoLoss against a hand-written reference (explicit loops, log-softmax by hand)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fixtures_encoder import tiny_bert_dir  # noqa: F401  (session fixture)
+from pipeline.losses import Example, GeckoLoss, candidate_mask, mrl_dims
+
+
+def example(q: str, p_id: str, p: str, n_id: str | None = None, n: str | None = None) -> Example:
+    """An example whose formatted texts are the raw ones with a prefix (enough for the loss)."""
+    return Example(
+        query=f"query: {q}",
+        positive=f"text: {p}",
+        negative=None if n is None else f"text: {n}",
+        query_text=q,
+        positive_text=p,
+        negative_text=n,
+        positive_id=p_id,
+        negative_id=n_id,
+    )
+
+
+DISTINCT = [example(f"q{i}", f"p{i}", f"passage {i}", f"n{i}", f"negative {i}") for i in range(5)]
+# Every masking rule fires at least once:
+#   row 2 has row 0's positive id; row 3's negative is row 1's positive (by id); row 4 repeats
+#   row 0's query text; row 1 has no negative; row 5's negative has row 0's positive text under
+#   another id; row 6's own negative is its own positive (a data bug the mask must absorb).
+TRICKY = [
+    example("q0", "p0", "passage 0", "n0", "negative 0"),
+    example("q1", "p1", "passage 1"),
+    example("q2", "p0", "passage 0", "n2", "negative 2"),
+    example("q3", "p3", "passage 3", "p1", "passage 1"),
+    example("q0", "p4", "passage 4", "n4", "negative 4"),
+    example("q5", "p5", "passage 5", "copy-of-p0", "passage 0"),
+    example("q6", "p6", "passage 6", "p6", "passage 6"),
+]
+
+
+def reference_loss(batch: list[Example], q, p, n, temperature: float, dims: list[int], masking: bool = True) -> float:
+    """Gecko's loss written the slow, obvious way: loops over queries and candidates, float64 math."""
+
+    def cosine(a, b, d):
+        a, b = a[:d].tolist(), b[:d].tolist()
+        dot = sum(x * y for x, y in zip(a, b))
+        return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+    def is_false_negative(i, kind, j):
+        """The masking rules, restated per candidate."""
+        e, c = batch[i], batch[j]
+        if kind == "p":
+            return j != i and (c.positive_id == e.positive_id or c.positive_text in (e.query_text, e.positive_text))
+        if kind == "n":
+            return c.negative_id == e.positive_id or c.negative_text in (e.query_text, e.positive_text)
+        return j == i or c.query_text in (e.query_text, e.positive_text)
+
+    per_dim = []
+    for d in dims:
+        total = 0.0
+        for i in range(len(batch)):
+            logits = []
+            for kind, vectors in (("p", p), ("n", n), ("q", q)):
+                for j in range(len(batch)):
+                    if kind == "n" and batch[j].negative is None:
+                        continue  # a missing negative is never a candidate
+                    if masking and is_false_negative(i, kind, j):
+                        continue
+                    if not masking and kind == "q" and j == i:
+                        continue  # q_i against itself is never a candidate
+                    logits.append(cosine(q[i], vectors[j], d) / temperature)
+            target = cosine(q[i], p[i], d) / temperature
+            peak = max(logits)
+            log_sum = peak + math.log(sum(math.exp(x - peak) for x in logits))
+            total += -(target - log_sum)
+        per_dim.append(total / len(batch))
+    return sum(per_dim) / len(per_dim)
+
+
+def random_embeddings(batch_size: int, dim: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch_size, dim, generator=generator) for _ in range(3)]
+
+
+def unmasked(batch: list[Example]) -> torch.Tensor:
+    """Only q_i itself and missing negatives excluded: the mask without false-negative rules."""
+    b = len(batch)
+    has_negative = torch.tensor([e.negative is not None for e in batch])
+    return torch.cat([torch.ones(b, b, dtype=torch.bool), has_negative.expand(b, b), ~torch.eye(b, dtype=torch.bool)], 1)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0])
+def test_loss_without_masking_equals_reference(temperature):
+    q, p, n = random_embeddings(len(DISTINCT), 16)
+    mask = candidate_mask(DISTINCT)
+    assert torch.equal(mask, unmasked(DISTINCT))  # nothing to mask in distinct examples
+    loss = GeckoLoss(temperature).compute_loss_from_embeddings(q, p, n, mask)
+    assert loss.item() == pytest.approx(reference_loss(DISTINCT, q, p, n, temperature, [16]), rel=1e-5)
+
+
+def test_loss_with_masking_equals_reference_and_differs_from_unmasked():
+    q, p, n = random_embeddings(len(TRICKY), 16, seed=1)
+    n[1] = 0  # a missing negative: its row is ignored whatever it holds
+    loss = GeckoLoss(0.05).compute_loss_from_embeddings(q, p, n, candidate_mask(TRICKY)).item()
+    assert loss == pytest.approx(reference_loss(TRICKY, q, p, n, 0.05, [16]), rel=1e-5)
+    plain = GeckoLoss(0.05).compute_loss_from_embeddings(q, p, n, unmasked(TRICKY)).item()
+    assert plain == pytest.approx(reference_loss(TRICKY, q, p, n, 0.05, [16], masking=False), rel=1e-5)
+    assert abs(loss - plain) > 1e-3
+
+
+def test_mask_entries():
+    mask = candidate_mask(TRICKY)
+    b = len(TRICKY)
+    p_col, n_col, q_col = (lambda j: j), (lambda j: b + j), (lambda j: 2 * b + j)
+    assert mask[0, p_col(0)] and mask[2, p_col(2)]  # targets stay even when ids repeat
+    assert not mask[0, p_col(2)] and not mask[2, p_col(0)]  # same positive id
+    assert not mask[1, n_col(3)]  # row 3's negative is row 1's positive
+    assert mask[3, n_col(3)] and mask[0, n_col(3)]  # ...but a fine negative for others
+    assert not mask[0, q_col(4)] and not mask[4, q_col(0)]  # repeated query text
+    assert not mask[:, n_col(1)].any()  # no negative at all
+    assert not mask[0, n_col(5)] and not mask[2, n_col(5)]  # row 0's positive text under another id
+    assert not mask[6, n_col(6)]  # own negative == own positive
+    assert not mask[torch.arange(b), q_col(torch.arange(b))].any()  # never q_i against itself
+    assert mask[1, p_col(0)] and mask[1, q_col(0)]  # ordinary in-batch and same-tower negatives
+
+
+def test_masked_candidates_do_not_change_the_loss():
+    q, p, n = random_embeddings(len(TRICKY), 16, seed=2)
+    loss_fn = GeckoLoss(0.05)
+    # n_1 (a missing negative) is masked for every row, so no value placed there may leak in.
+    before = loss_fn.compute_loss_from_embeddings(q, p, n, candidate_mask(TRICKY))
+    n[1] = torch.randn(16) * 10
+    after = loss_fn.compute_loss_from_embeddings(q, p, n, candidate_mask(TRICKY))
+    assert torch.equal(before, after)
+
+
+def test_matryoshka_equals_reference_average_over_dims():
+    q, p, n = random_embeddings(len(TRICKY), 16, seed=3)
+    loss = GeckoLoss(0.05, mrl_dims=[8, 4]).compute_loss_from_embeddings(q, p, n, candidate_mask(TRICKY))
+    assert loss.item() == pytest.approx(reference_loss(TRICKY, q, p, n, 0.05, [16, 8, 4]), rel=1e-5)
+    # The full dimension is implied, and listing it again changes nothing.
+    again = GeckoLoss(0.05, mrl_dims=[16, 8, 4]).compute_loss_from_embeddings(q, p, n, candidate_mask(TRICKY))
+    assert torch.equal(loss, again)
+
+
+def test_mrl_dims_larger_than_model_rejected():
+    assert mrl_dims(32, [16, 8]) == [32, 16, 8]
+    with pytest.raises(ValueError, match="exceed the encoder's dimension 32"):
+        mrl_dims(32, [64, 16])
+
+
+def test_agrees_with_sentence_transformers_mnrl_query_to_doc_and_query_to_query():
+    """With nothing to mask, Gecko's loss is MNRL with directions query->doc and query->query."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    q, p, n = random_embeddings(len(DISTINCT), 16, seed=4)
+    ours = GeckoLoss(0.05).compute_loss_from_embeddings(q, p, n, candidate_mask(DISTINCT))
+    peer = MultipleNegativesRankingLoss(None, scale=20.0, directions=("query_to_doc", "query_to_query"))
+    theirs = peer.compute_loss_from_embeddings([q, p, n], None)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_forward_embeds_and_places_missing_negatives(tiny_bert_dir):  # noqa: F811
+    from pipeline.encoder import Encoder
+
+    encoder = Encoder.load(tiny_bert_dir, device="cpu")  # eval mode: no dropout, so repeatable
+    loss_fn = GeckoLoss(0.05, mrl_dims=[16])
+    loss = loss_fn(encoder, TRICKY)
+    q = encoder.embed([e.query for e in TRICKY])
+    p = encoder.embed([e.positive for e in TRICKY])
+    n = torch.stack([encoder.embed([e.negative])[0] if e.negative else torch.zeros(encoder.dim) for e in TRICKY])
+    expected = reference_loss(TRICKY, q.detach(), p.detach(), n, 0.05, [encoder.dim, 16])
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    loss.backward()  # gradients reach the weights
+    assert encoder.module.embeddings.word_embeddings.weight.grad.abs().sum() > 0

@@ -1,0 +1,277 @@
+"""The train stage: data reading, schedule, determinism, saving, dvclive, params validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_encoder import tiny_bert_dir  # noqa: F401  (session fixture)
+from pipeline.encoder import Encoder, TextFormat
+from pipeline.params import ParamsError, TrainParams, load_params
+from pipeline.training import (
+    batches,
+    get_lr,
+    mix_in,
+    plan_steps,
+    planned_examples,
+    read_pairs,
+    read_triples,
+    steps_per_epoch,
+    train,
+    training_config,
+    write_model,
+)
+
+TOPICS = ["vaccines", "glaciers", "proteins", "rivers", "embeddings", "membranes", "foxes", "retrieval"]
+
+
+def write_triples(path: Path, n: int = 8, without_negative: tuple[int, ...] = (3,)) -> Path:
+    """A `triples` table shaped like the SQL stage's output, one null negative by default."""
+    import duckdb
+
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE triples (query_id VARCHAR, task VARCHAR, query VARCHAR, task_type VARCHAR, "
+        "positive_id VARCHAR, positive_title VARCHAR, positive_text VARCHAR, negative_id VARCHAR, "
+        "negative_title VARCHAR, negative_text VARCHAR, seed_id VARCHAR)"
+    )
+    for i in range(n):
+        topic, other = TOPICS[i % len(TOPICS)], TOPICS[(i + 3) % len(TOPICS)]
+        negative = (None, None, None) if i in without_negative else (f"d{i + 100}", "", f"a note on {other} {i}")
+        con.execute(
+            "INSERT INTO triples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [f"q{i:02d}", "Given a question, retrieve passages that answer it", f"what about {topic} {i}?",
+             "question answering", f"d{i}", f"On {topic}", f"{topic} {i} are described in this passage.",
+             *negative, f"d{i}"],
+        )  # fmt: skip
+    con.close()
+    return path
+
+
+def small_params(**overrides) -> TrainParams:
+    values = dict(lr=1e-3, batch_size=4, max_steps=3, warmup_ratio=0.0, mrl_dims=[16, 8], temperature=0.05)
+    return TrainParams(**(values | overrides))
+
+
+@pytest.fixture()
+def examples(tmp_path):
+    return read_triples(write_triples(tmp_path / "triples.duckdb"), TextFormat())[0]
+
+
+def fresh_encoder(folder: Path) -> Encoder:
+    """A private copy of the tiny model: training mutates it, so never use the shared fixture."""
+    return Encoder.load(folder, device="cpu")
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def test_read_triples_formats_counts_and_orders(tmp_path):
+    examples, counts = read_triples(write_triples(tmp_path / "t.duckdb", n=6, without_negative=(1, 4)), TextFormat())
+    assert (counts.triples, counts.queries, counts.with_negative, counts.without_negative) == (6, 6, 4, 2)
+    first = examples[0]
+    assert first.query == "task: Given a question, retrieve passages that answer it | query: what about vaccines 0?"
+    assert first.positive == "title: On vaccines | text: vaccines 0 are described in this passage."
+    assert first.negative == "title: none | text: a note on rivers 0"  # blank title -> "none"
+    assert examples[1].negative is None and examples[1].negative_id is None
+    assert [e.positive_id for e in examples] == [f"d{i}" for i in range(6)]
+
+
+def test_read_triples_names_missing_columns(tmp_path):
+    import duckdb
+
+    con = duckdb.connect(str(tmp_path / "bad.duckdb"))
+    con.execute("CREATE TABLE triples AS SELECT 'q' AS query_id, 'x' AS query")
+    con.close()
+    with pytest.raises(ValueError, match="lacks column"):
+        read_triples(tmp_path / "bad.duckdb", TextFormat())
+
+
+def test_read_pairs_unquoted_threshold_both_directions(tmp_path):
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text(
+        "sentence1\tsentence2\tscore\tgenre\tfile\tyear\n"
+        'He said "hi.\tHe greeted them.\t4.200\tmain-news\tx\t2012\n'
+        "A cat sleeps.\tA dog barks.\t0.500\tmain-news\tx\t2012\n"
+        "A man plays a flute.\tA man is playing a flute.\t4.000\tmain-captions\tx\t2012\n"
+    )
+    pairs = read_pairs(tsv, 4.0, "Retrieve semantically similar text", TextFormat())
+    assert len(pairs) == 4  # two pairs over the threshold, each in both directions
+    assert pairs[0].query == 'task: Retrieve semantically similar text | query: He said "hi.'
+    assert pairs[0].positive == "title: none | text: He greeted them."
+    assert pairs[1].query_text == "He greeted them." and pairs[1].positive_text == 'He said "hi.'
+    assert all(p.negative is None for p in pairs)
+
+
+def test_mix_in_fraction_and_seed(examples):
+    extra = [examples[0]] * 100
+    mixed = mix_in(examples, extra, 0.2, seed=1)
+    assert len(mixed) == len(examples) + 2  # 2 / (8 + 2) = 0.2
+    assert mixed[: len(examples)] == examples
+
+
+# --- schedule -------------------------------------------------------------------------------------
+
+
+def test_get_lr_warmup_then_linear_decay():
+    lrs = [get_lr(s, 10, 3, 1.0) for s in range(10)]
+    assert lrs[:3] == [0.25, 0.5, 0.75]  # rising, never zero
+    assert lrs[3] == 1.0  # peak right after warmup
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lrs[-1] == pytest.approx(1 / 7)  # last step: one decay slice above zero
+    assert get_lr(0, 5, 0, 2e-5) == 2e-5  # no warmup
+
+
+def test_plan_steps_and_batches():
+    assert steps_per_epoch(9, 4) == 2  # the single leftover example is dropped
+    assert steps_per_epoch(10, 4) == 3
+    assert plan_steps(10, 2, None, 4, 0.1) == (6, 1)
+    assert plan_steps(10, 2, 7, 4, 0.1) == (7, 1)  # max_steps overrides epochs
+    with pytest.raises(ValueError, match="at least 2"):
+        plan_steps(1, 1, None, 4, 0.0)
+    got = list(batches(10, 4, 6, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in got] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(got[:3], [])) == list(range(10))  # each epoch is a permutation
+    assert got[:3] != got[3:]  # reshuffled between epochs
+    assert planned_examples(10, 4, 6) == 20 and planned_examples(9, 4, 3) == 12
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def test_training_steps_lower_the_loss(tiny_bert_dir, examples):  # noqa: F811
+    from pipeline.losses import GeckoLoss
+
+    encoder = fresh_encoder(tiny_bert_dir)
+    params = small_params(batch_size=len(examples), max_steps=5, max_grad_norm=None)
+
+    def loss_now() -> float:
+        with torch.no_grad():  # eval mode: no dropout, so the comparison is exact
+            return GeckoLoss(params.temperature, params.mrl_dims)(encoder, examples).item()
+
+    before = loss_now()
+    result = train(encoder, examples, params, seed=0)
+    assert result.steps == 5 and result.examples == 5 * len(examples)
+    assert loss_now() < before - 0.05
+    assert not encoder.module.training  # left in eval mode for encoding
+
+
+def test_same_seed_same_weights_other_seed_differs(tiny_bert_dir, examples):  # noqa: F811
+    states = []
+    for seed in (7, 7, 8):
+        encoder = fresh_encoder(tiny_bert_dir)
+        train(encoder, examples, small_params(), seed=seed)
+        states.append(encoder.module.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_mrl_dims_above_model_dim_fail_before_training(tiny_bert_dir, examples):  # noqa: F811
+    encoder = fresh_encoder(tiny_bert_dir)
+    with pytest.raises(ValueError, match="exceed the encoder's dimension"):
+        train(encoder, examples, small_params(mrl_dims=[384, 16]), seed=0)
+
+
+def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tiny_bert_dir, examples, tmp_path):  # noqa: F811
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.params import BaseParams, EncoderParams
+    from pipeline.training import DataCounts
+
+    encoder = fresh_encoder(tiny_bert_dir)
+    params = small_params()
+    result = train(encoder, examples, params, seed=0)
+    counts = DataCounts(triples=8, queries=8, with_negative=7, without_negative=1)
+    config = training_config(
+        base_model="tiny", encoder=encoder, params=params, encoder_params=EncoderParams(),
+        base_params=BaseParams(), counts=counts, result=result,
+    )  # fmt: skip
+    path = write_model(encoder, tmp_path / "models" / "fret-encoder", config)
+
+    texts = [e.query for e in examples] + [e.positive for e in examples]
+    theirs = SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(theirs, encoder.encode(texts), atol=1e-5)
+
+    saved = json.loads((path / "fret_training.json").read_text())
+    assert TrainParams.model_validate(saved["train"]) == params
+    assert saved["result"]["steps"] == 3 and saved["data"]["without_negative"] == 1
+    card = (path / "README.md").read_text()
+    assert "| rows without a hard negative | 1 |" in card and "metrics/eval.json" in card
+    assert "base_model: tiny" in card and "[32, 16, 8]" in card  # full dimension + mrl_dims
+
+
+def test_dvclive_writes_per_step_metrics_and_no_dvc_yaml(tiny_bert_dir, examples, tmp_path, monkeypatch):  # noqa: F811
+    from python_steps.train import LIVE_DIR, open_live
+
+    from pipeline.params import Params
+    from pipeline.training import DataCounts
+
+    monkeypatch.chdir(tmp_path)
+    params = Params(train=small_params())
+    live = open_live(params, DataCounts(triples=8, queries=8, with_negative=7, without_negative=1))
+    train(fresh_encoder(tiny_bert_dir), examples, params.train, seed=0, live=live)
+    live.end()
+
+    metrics = json.loads((tmp_path / LIVE_DIR / "metrics.json").read_text())
+    assert set(metrics["train"]) == {"loss", "lr", "grad_norm"} and metrics["step"] == 2  # 0-based last step
+    loss_rows = (tmp_path / LIVE_DIR / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert loss_rows[0].split("\t")[:2] == ["step", "loss"] and len(loss_rows) == 1 + 3
+    logged = (tmp_path / LIVE_DIR / "params.yaml").read_text()
+    assert "lr: 0.001" in logged and "triples: 8" in logged
+    assert not list(tmp_path.rglob("dvc.yaml"))  # DVC owns dvc.yaml; dvclive must not write one
+
+
+def test_stage_main_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from python_steps import train as stage
+
+    (tmp_path / "warehouse").mkdir()
+    write_triples(tmp_path / "warehouse" / "triples.duckdb", n=6)
+    (tmp_path / "params.yaml").write_text(
+        f"encoder:\n  model: {tiny_bert_dir}\n  cache_path: null\n"
+        "train:\n  batch_size: 3\n  epochs: 2\n  mrl_dims: [16]\n  lr: 1.0e-4\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    stage.main()
+    out = capsys.readouterr().out
+    assert "train: 4 steps, 12 examples" in out
+    assert "6 triples over 6 queries (5 with a hard negative, 1 without)" in out
+    assert (tmp_path / "models" / "fret-encoder" / "modules.json").is_file()
+    assert (tmp_path / "dvclive" / "metrics.json").is_file()
+
+
+# --- params ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("train:\n  lr: 0\n", "train.lr"),
+        ("train:\n  temperature: -0.1\n", "train.temperature"),
+        ("train:\n  batch_size: 1\n", "train.batch_size"),
+        ("train:\n  mrl_dims: [64, 128]\n", "sorted largest first"),
+        ("train:\n  mrl_dims: [128, 128]\n", "unique"),
+        ("train:\n  mrl_dims: [128, 0]\n", "positive"),
+        ("train:\n  warmup_ratio: 1.0\n", "train.warmup_ratio"),
+        ("train:\n  mix:\n    path: nowhere.tsv\n", "mix file not found"),
+        ("train:\n  mix:\n    path: params.yaml\n    fraction: 1.0\n", "train.mix.fraction"),
+        ("train:\n  learning_rate: 1e-4\n", "unknown key"),
+    ],
+)
+def test_train_params_rejected(tmp_path, yaml_text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def test_lr_as_dvc_exp_set_writes_it(tmp_path):
+    """`dvc exp run -S train.lr=3e-5` writes `3e-05`, which PyYAML reads as a string: still a float here."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 3e-05\n  mrl_dims: []\n")
+    params = load_params(path).train
+    assert params.lr == 3e-5 and isinstance(params.lr, float) and params.mrl_dims == []
