@@ -1,0 +1,404 @@
+"""FRet generation (Gecko step 1): for each seed passage the LLM writes a task description and a query.
+
+`generate_queries` is the stage's work: pick passages (all, or a seeded sample), draw a task type
+per query, render the few-shot prompt (`prompts/generate.jinja`), look every call up in the LLM
+cache, generate the misses in batches (results written to the cache batch by batch, so a killed run
+loses at most the batch in flight), retry outputs that fail validation, and return the `queries`,
+`generation_failures` and `generation_report` tables.
+
+Every random choice is a hash of (base.seed, passage id, ...) rather than a draw from a shared
+stream, so it does not move when the corpus grows or the batch size changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.cache import CacheEntry, LLMCache, cache_key
+from pipeline.params import GenerateParams
+
+# Found from the code, not the working directory (tests and `fret` may run elsewhere).
+PROMPT_FILE = Path(__file__).resolve().parent.parent / "prompts" / "generate.jinja"
+NAMESPACE = "generate"
+
+
+class GeneratedQuery(BaseModel):
+    """What the LLM must return. Lengths live inside the regexes: outlines_core drops `pattern` when
+    `maxLength` is also set. No quote, backslash or control character (newline included): nothing
+    that JSON would need to escape, so the decoder cannot write a string JSON rejects."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(pattern=r'^[^"\\\x00-\x1f]{10,120}$')
+    query: str = Field(pattern=r'^[^"\\\x00-\x1f]{5,160}$')
+
+
+class JsonLLM(Protocol):
+    """What generation needs from an LLM (`pipeline.llm.LLM` is one; tests wrap it)."""
+
+    identity: str
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
+
+    def generate_json(self, prompts: list[str], schema: type[BaseModel], decodings: list, max_new_tokens: int) -> list: ...
+
+
+class GenerationError(RuntimeError):
+    """Too many outputs failed validation after their retries."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One query to write: a seed passage, which of its queries, and everything that fixes the output."""
+
+    passage_id: str
+    index: int  # 0 .. queries_per_passage - 1
+    task_type: str
+    prompt: str
+    seed: int
+    key: str  # cache key
+
+
+@dataclass
+class GenerationResult:
+    queries: pa.Table
+    failures: pa.Table
+    report: pa.Table
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def stable_int(*parts: Any) -> int:
+    """A 63-bit integer from the parts' JSON: the same parts give the same number on every machine."""
+    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":"), default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def sample_passages(passage_ids: Sequence[str], limit: int | None, seed: int) -> list[str]:
+    """The `limit` passages with the smallest seeded hash (all when `limit` is None), in input order.
+
+    Adding passages to the corpus only swaps in newcomers with a smaller hash; the rest stay.
+    """
+    if limit is None or limit >= len(passage_ids):
+        return list(passage_ids)
+    chosen = set(sorted(passage_ids, key=lambda pid: stable_int(seed, "limit", pid))[:limit])
+    return [pid for pid in passage_ids if pid in chosen]
+
+
+def draw_task_type(passage_id: str, index: int, task_types: Sequence[str], seed: int) -> str:
+    """The task type of query `index` of a passage: uniform over `task_types`, fixed by seed + id."""
+    return task_types[stable_int(seed, "task_type", passage_id, index) % len(task_types)]
+
+
+def query_id(passage_id: str, index: int) -> str:
+    """Stable across runs and corpus growth: depends only on the seed passage and the query's index."""
+    return "q" + hashlib.sha256(f"{passage_id}\0{index}".encode()).hexdigest()[:16]
+
+
+class PromptTemplate:
+    """The Jinja prompt file: its `system`/`user` macros and `examples` build the chat messages."""
+
+    def __init__(self, path: str | Path = PROMPT_FILE):
+        import jinja2
+
+        self.path = Path(path)
+        self.source = self.path.read_text(encoding="utf-8")
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+        self._module = env.from_string(self.source).module
+        self.examples: list[dict[str, str]] = list(self._module.examples)
+        self.hash = hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+    def messages(self, task_type: str, title: str | None, text: str) -> list[dict[str, str]]:
+        """System turn, the few-shot turns for `task_type`, then the seed passage."""
+        shots = [e for e in self.examples if e["task_type"] == task_type]
+        if not shots:  # a task type the file has no example for: one example of each known type
+            shots = list({e["task_type"]: e for e in reversed(self.examples)}.values())[::-1]
+        out = [{"role": "system", "content": str(self._module.system())}]
+        for e in shots:
+            out.append({"role": "user", "content": str(self._module.user(e["task_type"], e["title"], e["text"]))})
+            answer = GeneratedQuery(task=e["task"], query=e["query"])  # examples obey the schema too
+            # json.dumps spacing (`{"task": "..."}`) is one the decoder's whitespace rule allows.
+            out.append({"role": "assistant", "content": json.dumps(answer.model_dump(), ensure_ascii=False)})
+        out.append({"role": "user", "content": str(self._module.user(task_type, title, text))})
+        return out
+
+
+def clip_words(text: str, max_words: int) -> str:
+    words = text.split()
+    return text if len(words) <= max_words else " ".join(words[:max_words]) + " ..."
+
+
+def build_requests(
+    passages: pa.Table, llm: JsonLLM, params: GenerateParams, seed: int, template: PromptTemplate
+) -> list[Request]:
+    """One request per (selected passage, query index), with its prompt, seed and cache key."""
+    schema = json.dumps(GeneratedQuery.model_json_schema(), sort_keys=True)
+    rows = {r["passage_id"]: r for r in passages.select(["passage_id", "title", "text"]).to_pylist()}
+    requests = []
+    for pid in sample_passages(list(rows), params.limit, seed):
+        for index in range(params.queries_per_passage):
+            task_type = draw_task_type(pid, index, params.task_types, seed)
+            text = clip_words(rows[pid]["text"], params.max_passage_words)
+            prompt = llm.chat_prompt(template.messages(task_type, rows[pid]["title"], text))
+            row_seed = stable_int(seed, "generate", pid, index)
+            decoding = {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens, "seed": row_seed}
+            key = cache_key(model=llm.identity, prompt=prompt, schema=schema, decoding=decoding)
+            requests.append(Request(pid, index, task_type, prompt, row_seed, key))
+    return requests
+
+
+def validate(text: str, examples: Sequence[dict[str, str]] = ()) -> tuple[GeneratedQuery | None, str | None]:
+    """The parsed output, or None and the reason it is invalid.
+
+    Besides the schema, a query equal to a few-shot example's is rejected: a small model often
+    repeats the last example instead of reading the passage."""
+    try:
+        parsed = GeneratedQuery.model_validate_json(text)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "output"
+        return None, f"{where}: {first['msg']}"
+    if any(words(parsed.query) == words(e["query"]) for e in examples):
+        return None, "query: copies a few-shot example"
+    return parsed, None
+
+
+def generate_queries(
+    passages: pa.Table,
+    llm: JsonLLM,
+    params: GenerateParams,
+    seed: int,
+    cache: LLMCache,
+    template: PromptTemplate | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Write a task and a query for every selected passage; see the module docstring.
+
+    Args:
+        passages: a table with passage_id, title, text.
+        llm: the LLM (anything with `identity`, `chat_prompt`, `generate_json`).
+        seed: base.seed.
+        cache: finished calls are read from and written to it (a disabled cache recomputes all).
+        on_batch: called with the number of finished batches after each is cached (tests use it).
+
+    Raises:
+        GenerationError: the share of failed queries exceeds `params.max_failure_rate`.
+    """
+    from pipeline.llm import Decoding
+
+    template = template or PromptTemplate()
+    started = time.perf_counter()
+    requests = build_requests(passages, llm, params, seed, template)
+    # A cached output is re-checked: validation rules may have tightened since it was stored.
+    done = {k: e for k, e in cache.get_many(r.key for r in requests).items() if _still_valid(e.value, template)}
+    todo = [r for r in requests if r.key not in done]
+    batches = _batches(todo, params.batch_size)
+    failures: list[dict[str, Any]] = []
+    counts = Counter()
+    bar = _progress_bar(len(todo), progress)
+    gen_started = time.perf_counter()
+    for b, batch in enumerate(batches):
+        pending, finished = list(batch), {}
+        for attempt in range(params.max_retries + 1):
+            temperature = params.temperature if attempt == 0 else params.temperature or params.retry_temperature
+            decodings = [Decoding(r.seed if attempt == 0 else stable_int(r.seed, attempt), temperature) for r in pending]
+            outputs = llm.generate_json([r.prompt for r in pending], GeneratedQuery, decodings, params.max_new_tokens)
+            counts["calls"] += len(pending)
+            retry = []
+            for r, out in zip(pending, outputs):
+                counts["new_tokens"] += out.new_tokens
+                parsed, reason = validate(out.text, template.examples)
+                if parsed is not None:
+                    finished[r.key] = {**parsed.model_dump(), "attempt": attempt, "new_tokens": out.new_tokens}
+                elif attempt < params.max_retries:
+                    retry.append(r)
+                else:
+                    if not out.finished:
+                        reason = f"cut at max_new_tokens={params.max_new_tokens}; {reason}"
+                    failures.append(_failure(r, attempt + 1, reason, out.text))
+            pending = retry
+            if not pending:
+                break
+        done.update(cache.put_many(NAMESPACE, finished))  # per batch: a crash loses this batch at most
+        if on_batch is not None:
+            on_batch(b + 1)
+        _advance(bar, len(batch), counts["new_tokens"], time.perf_counter() - gen_started)
+    if bar is not None:
+        bar.close()
+    gen_seconds = time.perf_counter() - gen_started
+    queries = _queries_table(requests, done, passages, llm.identity, template.hash)
+    failures_table = pa.Table.from_pylist(failures, schema=FAILURES_SCHEMA)
+    report = quality_report(queries, len(requests), len(failures))
+    stats = {
+        "requests": len(requests),
+        "cached": len(requests) - len(todo),
+        "generated": len(todo),
+        "calls": counts["calls"],
+        "failures": len(failures),
+        "new_tokens": counts["new_tokens"],
+        "generate_seconds": gen_seconds,
+        "seconds": time.perf_counter() - started,
+        "passages_per_s": len({r.passage_id for r in todo}) / gen_seconds if todo and gen_seconds > 0 else 0.0,
+        "tokens_per_s": counts["new_tokens"] / gen_seconds if todo and gen_seconds > 0 else 0.0,
+    }
+    rate = len(failures) / max(len(requests), 1)
+    if rate > params.max_failure_rate:
+        examples = "\n".join(f"  {f['passage_id']}: {f['reason']}: {f['raw_output'][:120]!r}" for f in failures[:5])
+        raise GenerationError(
+            f"{len(failures)} of {len(requests)} queries ({rate:.1%}) failed validation after "
+            f"{params.max_retries} retries, above generate.max_failure_rate={params.max_failure_rate}:\n{examples}"
+        )
+    return GenerationResult(queries, failures_table, report, stats)
+
+
+def _still_valid(value: Any, template: PromptTemplate) -> bool:
+    try:
+        text = json.dumps({"task": value["task"], "query": value["query"]})
+    except (TypeError, KeyError):
+        return False
+    return validate(text, template.examples)[0] is not None
+
+
+def _batches(todo: list[Request], size: int) -> list[list[Request]]:
+    """Batches of one task type each: its rows share the whole few-shot prefix, whose KV cache the
+    LLM computes once and reuses, so only the passage part of each prompt is prefilled. Similar
+    lengths go together (less padding). On a large corpus the batches are full all the same."""
+    by_type: dict[str, list[Request]] = {}
+    for r in sorted(todo, key=lambda r: (r.task_type, len(r.prompt), r.key)):
+        by_type.setdefault(r.task_type, []).append(r)
+    return [rows[i : i + size] for rows in by_type.values() for i in range(0, len(rows), size)]
+
+
+FAILURES_SCHEMA = pa.schema(
+    [
+        ("passage_id", pa.string()),
+        ("query_index", pa.int32()),
+        ("task_type", pa.string()),
+        ("attempts", pa.int32()),
+        ("reason", pa.string()),
+        ("raw_output", pa.string()),
+    ]
+)
+
+QUERIES_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("passage_id", pa.string()),  # the seed passage
+        ("query_index", pa.int32()),
+        ("task_type", pa.string()),
+        ("task", pa.string()),
+        ("query", pa.string()),
+        ("llm", pa.string()),
+        ("prompt_hash", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("attempt", pa.int32()),  # 0: first try; k: k-th retry
+        ("new_tokens", pa.int32()),
+        ("query_words", pa.int32()),
+        ("copy_rate", pa.float64()),  # share of the query's words found in the seed passage
+    ]
+)
+
+
+def _failure(r: Request, attempts: int, reason: str | None, raw: str) -> dict[str, Any]:
+    return {
+        "passage_id": r.passage_id,
+        "query_index": r.index,
+        "task_type": r.task_type,
+        "attempts": attempts,
+        "reason": reason,
+        "raw_output": raw,
+    }
+
+
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def copy_rate(query: str, passage: str) -> float:
+    """Share of the query's words that also occur in the passage (1.0: every word copied)."""
+    q = words(query)
+    if not q:
+        return 0.0
+    vocab = set(words(passage))
+    return sum(w in vocab for w in q) / len(q)
+
+
+def _queries_table(
+    requests: list[Request], done: dict[str, CacheEntry], passages: pa.Table, llm: str, prompt_hash: str
+) -> pa.Table:
+    texts = dict(zip(passages.column("passage_id").to_pylist(), passages.column("text").to_pylist()))
+    rows = []
+    for r in sorted(requests, key=lambda r: (r.passage_id, r.index)):
+        entry = done.get(r.key)
+        if entry is None:
+            continue
+        v = entry.value
+        rows.append(
+            {
+                "query_id": query_id(r.passage_id, r.index),
+                "passage_id": r.passage_id,
+                "query_index": r.index,
+                "task_type": r.task_type,
+                "task": v["task"],
+                "query": v["query"],
+                "llm": llm,
+                "prompt_hash": prompt_hash,
+                "created_at": entry.created_at.astimezone(timezone.utc),
+                "attempt": v["attempt"],
+                "new_tokens": v["new_tokens"],
+                "query_words": len(v["query"].split()),
+                "copy_rate": copy_rate(v["query"], texts[r.passage_id]),
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=QUERIES_SCHEMA)
+
+
+def quality_report(queries: pa.Table, requested: int, failed: int) -> pa.Table:
+    """(metric, value) rows: counts, failure rate, query length, copy rate, duplicates, task types."""
+    rows = queries.to_pylist()
+    n = len(rows)
+    texts = [" ".join(words(r["query"])) for r in rows]
+    metrics: list[tuple[str, float]] = [
+        ("queries_requested", requested),
+        ("queries_written", n),
+        ("failures", failed),
+        ("failure_rate", failed / requested if requested else 0.0),
+        ("mean_query_words", sum(r["query_words"] for r in rows) / n if n else 0.0),
+        ("mean_copy_rate", sum(r["copy_rate"] for r in rows) / n if n else 0.0),
+        ("full_copies", sum(r["copy_rate"] == 1.0 for r in rows)),  # every query word is in the passage
+        ("duplicate_queries", n - len(set(texts))),  # same words, case and punctuation aside
+        ("retried", sum(r["attempt"] > 0 for r in rows)),
+    ]
+    types = Counter(r["task_type"] for r in rows)
+    metrics += [(f"task_type:{t}", c) for t, c in sorted(types.items())]
+    return pa.table({"metric": [m for m, _ in metrics], "value": [float(v) for _, v in metrics]})
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="queries", unit="query", dynamic_ncols=True)
+
+
+def _advance(bar, n: int, tokens: int, seconds: float) -> None:
+    if bar is None:
+        return
+    bar.update(n)
+    bar.set_postfix_str(f"{bar.n / max(seconds, 1e-9):.2f} passages/s, {tokens / max(seconds, 1e-9):.0f} tok/s")

@@ -1,0 +1,206 @@
+"""pipeline/generate.py: task types, sampling, caching, resume, failures and the output tables."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow as pa
+import pytest
+from fixtures_llm import tiny_llm, tiny_llm_dir  # noqa: F401  (pytest fixtures)
+
+from pipeline.cache import LLMCache
+from pipeline.generate import (
+    GenerationError,
+    draw_task_type,
+    generate_queries,
+    query_id,
+    sample_passages,
+)
+from pipeline.llm import Completion
+from pipeline.params import GenerateParams
+
+TYPES = ["question answering", "search result", "fact checking", "sentence similarity"]
+
+
+def _passages(n: int, start: int = 0) -> pa.Table:
+    ids = [f"doc{i}#0" for i in range(start, start + n)]
+    return pa.table(
+        {
+            "passage_id": ids,
+            "title": [f"Title {i}" for i in range(start, start + n)],
+            "text": [f"Passage {i} says that rivers carry sediment to the sea." for i in range(start, start + n)],
+        }
+    )
+
+
+def _params(**kw) -> GenerateParams:
+    return GenerateParams(**{"max_new_tokens": 400, "batch_size": 4, "max_passage_words": 20, **kw})
+
+
+class Counting:
+    """Wraps an LLM; counts generated rows and can corrupt the output for chosen passages."""
+
+    def __init__(self, llm, corrupt: set[str] = frozenset(), corrupt_attempts: int = 10**9):
+        self.llm, self.identity, self.corrupt = llm, llm.identity, corrupt
+        self.rows = 0
+        self.seen: Counter = Counter()
+        self.corrupt_attempts = corrupt_attempts
+
+    def chat_prompt(self, messages):
+        return self.llm.chat_prompt(messages)
+
+    def generate_json(self, prompts, schema, decodings, max_new_tokens):
+        self.rows += len(prompts)
+        outs = self.llm.generate_json(prompts, schema, decodings, max_new_tokens)
+        result = []
+        for prompt, out in zip(prompts, outs):
+            bad = next((p for p in self.corrupt if f"Title {p}\n" in prompt), None)
+            if bad is not None:
+                self.seen[bad] += 1
+                if self.seen[bad] <= self.corrupt_attempts:
+                    out = Completion('{"task": "short", "query": "x"}', 9, True)
+            result.append(out)
+        return result
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "created_at"} for r in table.to_pylist()]
+
+
+def test_task_types_are_uniform_and_stable_as_the_corpus_grows():
+    ids = [f"d{i}#0" for i in range(8000)]
+    counts = Counter(draw_task_type(pid, 0, TYPES, seed=42) for pid in ids)
+    assert set(counts) == set(TYPES)
+    assert all(abs(c - 2000) < 200 for c in counts.values()), counts  # ~4.5 sigma
+    assert [draw_task_type(p, 0, TYPES, 42) for p in ids[:50]] != [draw_task_type(p, 0, TYPES, 7) for p in ids[:50]]
+    # A passage keeps its type whatever else is in the corpus: the draw depends on its id only.
+    assert [draw_task_type(p, 0, TYPES, 42) for p in ids[:100]] == [draw_task_type(p, 0, TYPES, 42) for p in ids[:100]]
+
+
+def test_limit_sample_is_seeded_and_mostly_stable_when_the_corpus_grows():
+    ids = [f"d{i}#0" for i in range(1000)]
+    first = sample_passages(ids, 100, seed=1)
+    assert len(first) == 100 and first == sample_passages(ids, 100, seed=1) != sample_passages(ids, 100, seed=2)
+    grown = sample_passages(ids + [f"n{i}#0" for i in range(100)], 100, seed=1)
+    # Newcomers can only take places from the old sample; about 100 x 100/1100 of them do.
+    assert len(set(first) & set(grown)) > 75
+    assert sample_passages(ids, None, seed=1) == ids
+
+
+def test_rows_are_schema_valid_with_stable_ids(tiny_llm, tmp_path):
+    passages = _passages(6)
+    result = generate_queries(passages, tiny_llm, _params(), 42, LLMCache(tmp_path / "c.duckdb"), progress=False)
+    assert result.queries.num_rows == 6 and result.failures.num_rows == 0
+    rows = result.queries.to_pylist()
+    assert [r["query_id"] for r in rows] == [query_id(f"doc{i}#0", 0) for i in range(6)]
+    for r in rows:
+        assert r["llm"] == tiny_llm.identity and len(r["prompt_hash"]) == 16
+        assert r["task_type"] == draw_task_type(r["passage_id"], 0, TYPES, 42)
+        assert 10 <= len(r["task"]) <= 120 and 5 <= len(r["query"]) <= 160
+        assert 0.0 <= r["copy_rate"] <= 1.0 and r["query_words"] == len(r["query"].split())
+    report = dict(zip(*[result.report.column(c).to_pylist() for c in ("metric", "value")]))
+    assert report["queries_written"] == 6 and report["failure_rate"] == 0
+    assert sum(v for k, v in report.items() if k.startswith("task_type:")) == 6
+
+
+def test_same_seed_same_rows(tiny_llm, tmp_path):
+    passages = _passages(5)
+    params = _params(temperature=1.0, queries_per_passage=2)
+    runs = [
+        generate_queries(passages, tiny_llm, params, seed, LLMCache(tmp_path / f"c{i}.duckdb"), progress=False)
+        for i, seed in enumerate([42, 42, 43])
+    ]
+    assert _rows(runs[0].queries) == _rows(runs[1].queries)
+    assert [r["query"] for r in _rows(runs[0].queries)] != [r["query"] for r in _rows(runs[2].queries)]
+
+
+def test_rerun_and_grown_corpus_only_generate_what_is_missing(tiny_llm, tmp_path):
+    path = tmp_path / "c.duckdb"
+    llm = Counting(tiny_llm)
+    with LLMCache(path) as cache:
+        first = generate_queries(_passages(5), llm, _params(), 42, cache, progress=False)
+    assert llm.rows == 5
+    with LLMCache(path) as cache:
+        again = generate_queries(_passages(5), llm, _params(), 42, cache, progress=False)
+        assert cache.hits == 5
+    assert llm.rows == 5 and again.queries.equals(first.queries)  # created_at comes from the cache
+    with LLMCache(path) as cache:
+        grown = generate_queries(_passages(8), llm, _params(), 42, cache, progress=False)
+    assert llm.rows == 8 and grown.queries.num_rows == 8
+
+
+def test_resume_after_a_crash_redoes_no_finished_batch(tiny_llm, tmp_path):
+    path = tmp_path / "c.duckdb"
+    llm = Counting(tiny_llm)
+
+    def crash_after_two(done_batches):
+        if done_batches == 2:
+            raise KeyboardInterrupt  # what a kill looks like from here: no cleanup code of ours runs
+
+    with pytest.raises(KeyboardInterrupt), LLMCache(path) as cache:
+        generate_queries(_passages(10), llm, _params(batch_size=3), 42, cache, progress=False, on_batch=crash_after_two)
+    with LLMCache(path) as cache:
+        finished = cache.count()
+    assert 2 <= finished == llm.rows < 10  # two batches (one task type each, so 1 to 3 rows) made it
+    with LLMCache(path) as cache:
+        result = generate_queries(_passages(10), llm, _params(batch_size=3), 42, cache, progress=False)
+        assert cache.hits == finished
+    assert llm.rows == 10 and result.queries.num_rows == 10  # the rest only: nothing generated twice
+
+
+def test_invalid_outputs_land_in_failures_and_are_never_cached(tiny_llm, tmp_path):
+    path = tmp_path / "c.duckdb"
+    llm = Counting(tiny_llm, corrupt={"2"})
+    params = _params(max_retries=2, max_failure_rate=0.5)
+    with LLMCache(path) as cache:
+        result = generate_queries(_passages(4), llm, params, 42, cache, progress=False)
+        assert cache.count() == 3
+    assert result.queries.num_rows == 3 and llm.seen["2"] == 3  # first try + 2 retries
+    (failure,) = result.failures.to_pylist()
+    assert failure["passage_id"] == "doc2#0" and failure["attempts"] == 3
+    assert failure["raw_output"] == '{"task": "short", "query": "x"}' and "task" in failure["reason"]
+    with LLMCache(path) as cache:
+        generate_queries(_passages(4), llm, params, 42, cache, progress=False)
+    assert llm.seen["2"] == 6  # the failure was retried from scratch, the 3 good ones came from the cache
+
+
+def test_a_retry_can_rescue_an_output(tiny_llm, tmp_path):
+    llm = Counting(tiny_llm, corrupt={"1"}, corrupt_attempts=1)
+    result = generate_queries(_passages(3), llm, _params(max_retries=1), 42, LLMCache(None), progress=False)
+    assert result.failures.num_rows == 0
+    assert {r["passage_id"]: r["attempt"] for r in result.queries.to_pylist()}["doc1#0"] == 1
+
+
+def test_too_many_failures_fail_loudly(tiny_llm):
+    llm = Counting(tiny_llm, corrupt={"0", "1"})
+    with pytest.raises(GenerationError, match=r"2 of 4 queries \(50.0%\) failed"):
+        generate_queries(_passages(4), llm, _params(max_retries=0, max_failure_rate=0.25), 42, LLMCache(None), progress=False)
+
+
+def test_greedy_with_several_queries_per_passage_is_rejected():
+    with pytest.raises(ValueError, match="needs temperature > 0"):
+        GenerateParams(queries_per_passage=2)
+
+
+def test_a_query_copied_from_the_few_shot_examples_is_invalid():
+    from pipeline.generate import PromptTemplate, validate
+
+    example = PromptTemplate().examples[0]
+    text = '{"task": "Given a question, find answers", "query": "%s"}' % example["query"].upper()
+    assert validate(text)[0] is not None
+    assert validate(text, PromptTemplate().examples) == (None, "query: copies a few-shot example")
+
+
+def test_a_cached_output_that_no_longer_validates_is_recomputed(tiny_llm, tmp_path):
+    from pipeline.generate import build_requests, PromptTemplate
+
+    path = tmp_path / "c.duckdb"
+    template = PromptTemplate()
+    (request,) = build_requests(_passages(1), tiny_llm, _params(), 42, template)
+    copied = {"task": "Given a question, find it", "query": template.examples[0]["query"], "attempt": 0, "new_tokens": 9}
+    with LLMCache(path) as cache:
+        cache.put_many("generate", {request.key: copied})  # stored before the copy rule existed
+        llm = Counting(tiny_llm)
+        result = generate_queries(_passages(1), llm, _params(), 42, cache, progress=False)
+        assert llm.rows == 1 and result.queries.column("query")[0].as_py() != copied["query"]
+        assert cache.get_many([request.key])[request.key].value["query"] != copied["query"]
