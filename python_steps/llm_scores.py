@@ -1,0 +1,74 @@
+"""Stage `llm_scores`: the LLM scores every mined (query, passage) pair by QL and RC (Gecko's relabelling).
+
+Table in `warehouse/llm_scores.duckdb`: `llm_scores` (query_id, passage_id, knn_rank, ql_sum,
+ql_mean, rc_logodds, ql_rank, rc_rank, ql_tokens, llm, prompt_hash). Every prompt goes through the
+LLM cache in `llm.cache_path`. Run from the repository root: `python -m python_steps.llm_scores`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.params import PARAMS_FILE, ParamsError, load_params
+from pipeline.warehouse import WarehouseError, write_stage, write_table
+
+STAGE = "llm_scores"
+UPSTREAM = ["passages", "queries", "neighbors"]
+
+# Sorted, so the output does not depend on upstream row order.
+PAIRS_SQL = """
+select n.query_id, n.passage_id, n.knn_rank::bigint as knn_rank, q.task, q.query, p.title, p.text
+from neighbors n
+join queries q using (query_id)
+join passages p on p.passage_id = n.passage_id
+order by n.query_id, n.knn_rank, n.passage_id
+"""
+
+
+def main() -> None:
+    started = time.perf_counter()
+    try:
+        params = load_params(PARAMS_FILE)
+    except ParamsError as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    from pipeline.cache import LLMCache
+    from pipeline.llm import LLMError, load_llm  # torch: only once params are valid
+    from pipeline.scoring import ScoringError, score_relevance
+
+    try:
+        llm = load_llm(params.llm, params.base)
+    except LLMError as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    load_seconds = time.perf_counter() - started
+    cache = LLMCache(params.llm.cache_path)
+    try:
+        with write_stage(STAGE, upstream=UPSTREAM) as con:
+            pairs = con.sql(PAIRS_SQL).to_arrow_table()
+            result = score_relevance(pairs, llm, params.score, cache, progress=True)
+            rows = write_table(con, STAGE, result.scores)
+    except (WarehouseError, ScoringError) as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    finally:
+        cache.close()
+    print(summary(result.stats, rows, llm, params, load_seconds, time.perf_counter() - started))
+
+
+def summary(stats: dict, rows: int, llm, params, load_s: float, total_s: float) -> str:
+    """One screen: rows written, cache use, time and throughput."""
+    s = stats
+    rate = f"{s['pairs_per_s']:.2f} pairs/s" if s["computed"] else "nothing to score"
+    return "\n".join(
+        [
+            f"{STAGE}: {rows:,} scored pairs ({s['prompts']:,} prompts: QL + RC) in {total_s:.2f} s",
+            f"  llm {llm.identity} on {llm.device.type}, loaded in {load_s:.2f} s; "
+            f"batch {params.score.batch_size}, passages cut at {params.score.max_passage_tokens} tokens",
+            f"  llm cache: {s['cached']:,} hits, {s['computed']:,} prompts scored over {s['passages']:,} passages "
+            f"in {s['batches']:,} batches, {s['score_seconds']:.2f} s: {rate}",
+            f"  tokens through the model: {s['forward_tokens']:,} for prompts of {s['prompt_tokens']:,} "
+            f"(each passage's shared prefix run once)",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

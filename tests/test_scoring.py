@@ -1,0 +1,340 @@
+"""LLM relevance scoring (pipeline/scoring.py, python_steps/llm_scores.py) on a tiny GPT-2.
+
+The scorer's batched, prefix-cached scores are checked against a plain reference written here:
+each full prompt through the model on its own, log-softmax, gather. The tiny model comes in two
+flavours, with and without a chat template, since the prompt's special tokens and the answer
+position differ between them.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import textwrap
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from pipeline.cache import LLMCache
+from pipeline.params import BaseParams, LLMParams, ScoreParams
+from pipeline.scoring import PROMPT_FILE, PrefixScorer, ScoreTemplate, rank_scores, score_relevance
+
+ROOT = Path(__file__).resolve().parent.parent
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TASK = "Given a question, retrieve passages that answer the question"
+PASSAGES = {
+    "p1": ("Bees", "Forager bees tell their nestmates where food is with the waggle dance."),
+    "p2": (None, "The venv module creates a lightweight virtual environment with its own site-packages."),
+    "p3": ("Kilimanjaro", "Kilimanjaro is the highest mountain in Africa. " * 12),  # cut at max_passage_tokens
+    "p4": ("Vitamin C", "Vitamin C supplements did not reduce how often people caught colds."),
+}
+QUERIES = {
+    "q1": "how do bees tell other bees where food is",
+    "q2": "python venv activate",
+    "q3": "highest mountain in africa?",
+}
+# (query, passage, knn_rank): p1 and p3 are retrieved by several queries, p4 by one.
+PAIRS = [
+    ("q1", "p1", 1), ("q1", "p3", 2), ("q1", "p2", 3),
+    ("q2", "p2", 1), ("q2", "p1", 2),
+    ("q3", "p3", 1), ("q3", "p1", 2), ("q3", "p4", 3),
+]  # fmt: skip
+
+
+def _train_texts() -> list[str]:
+    texts = [ROOT.joinpath(PROMPT_FILE).read_text(), TASK] + ["Yes No yes no\nYes. No. yes. no."] * 20
+    texts += [f"{t or ''} {x}" for t, x in PASSAGES.values()] + list(QUERIES.values())
+    return texts * 3
+
+
+def _build_tiny_gpt2(folder: Path, chat: bool) -> Path:
+    """Random-init 2-layer GPT-2 (width 32) with a byte-level BPE tokenizer trained on the test texts."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>"] + (["<|im_start|>", "<|im_end|>"] if chat else [])
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_train_texts(), vocab_size=400, min_frequency=1, special_tokens=specials, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if chat:
+        tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
+                        initializer_range=0.3)  # wide init: log-probs differ clearly between passages
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", params=["plain", "chat"])
+def tiny_llm_dir(request, tmp_path_factory) -> Path:
+    return _build_tiny_gpt2(tmp_path_factory.mktemp(f"tiny_gpt2_{request.param}"), request.param == "chat")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llm_dir):
+    from pipeline.llm import load_llm
+
+    return load_llm(LLMParams(model=str(tiny_llm_dir), cache_path=None), BaseParams(threads=1, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def template() -> ScoreTemplate:
+    return ScoreTemplate(ROOT / PROMPT_FILE)
+
+
+def make_pairs() -> pa.Table:
+    rows = [
+        {"query_id": q, "passage_id": p, "knn_rank": k, "task": TASK, "query": QUERIES[q],
+         "title": PASSAGES[p][0], "text": PASSAGES[p][1]}
+        for q, p, k in PAIRS
+    ]  # fmt: skip
+    return pa.Table.from_pylist(rows)
+
+
+PARAMS = ScoreParams(batch_size=3, max_passage_tokens=40)
+
+
+def reference_scores(llm, template: ScoreTemplate, title, text, query) -> tuple[float, float, float]:
+    """(ql_sum, ql_mean, rc_logodds) the plain way: one full prompt per forward pass."""
+    import torch
+
+    from pipeline.scoring import clip_tokens
+
+    text = clip_tokens(llm.tokenizer, text, PARAMS.max_passage_tokens)
+    with torch.inference_mode():
+        prompt, start = template.query_likelihood(llm, title, text, TASK, query)
+        head, ids = llm.encode(prompt[:start]), llm.encode(prompt)
+        assert ids[: len(head)] == head  # the query's tokens are exactly the ones after the head's
+        logprobs = torch.log_softmax(llm.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        token_lp = [float(logprobs[i - 1, ids[i]]) for i in range(len(head), len(ids))]
+        ids = llm.encode(template.relevance(llm, title, text, TASK, query))
+        last = torch.log_softmax(llm.model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+
+    def single_tokens(words):
+        spellings = [s for w in words for s in (w, " " + w)]
+        return {t[0] for t in (llm.tokenizer(s, add_special_tokens=False)["input_ids"] for s in spellings) if len(t) == 1}
+
+    yes = math.log(sum(math.exp(float(last[i])) for i in single_tokens(template.yes_words)))
+    no = math.log(sum(math.exp(float(last[i])) for i in single_tokens(template.no_words)))
+    return sum(token_lp), sum(token_lp) / len(token_lp), yes - no
+
+
+def test_scores_equal_the_plain_one_pair_computation(tiny_llm, template):
+    scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+    result = score_relevance(make_pairs(), tiny_llm, PARAMS, LLMCache(None), template, progress=False, scorer=scorer)
+    rows = result.scores.to_pylist()
+    assert len(rows) == len(PAIRS) and result.stats["computed"] == 2 * len(PAIRS)
+    for row in rows:
+        title, text = PASSAGES[row["passage_id"]]
+        ql_sum, ql_mean, rc = reference_scores(tiny_llm, template, title, text, QUERIES[row["query_id"]])
+        assert row["ql_sum"] == pytest.approx(ql_sum, abs=1e-4)
+        assert row["ql_mean"] == pytest.approx(ql_mean, abs=1e-4)
+        assert row["rc_logodds"] == pytest.approx(rc, abs=1e-4)
+    # The passage prefix was shared: fewer tokens went through the model than the prompts hold.
+    assert scorer.forward_tokens < 0.8 * scorer.prompt_tokens
+    # Scores differ between passages (a constant score would pass any ranking test).
+    assert len({round(r["ql_sum"], 6) for r in rows}) > 3 and len({round(r["rc_logodds"], 6) for r in rows}) > 3
+
+
+def test_a_prompt_alone_reuses_all_of_its_prompt_but_the_scored_tokens(tiny_llm, template):
+    """A passage with one prompt left to score (the rest cached) caches the longest prefix possible."""
+    from pipeline.scoring import build_requests
+
+    scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+    requests = build_requests(make_pairs().slice(0, 1), tiny_llm, PARAMS, template)  # q1/p1: QL, RC
+    values = {}
+    for request in requests:
+        values.update(*scorer.score_group(scorer.tokenize([request]), batch_size=1))
+    ql, rc = (values[r.key] for r in requests)
+    ql_sum, ql_mean, rc_logodds = reference_scores(tiny_llm, template, *PASSAGES["p1"], QUERIES["q1"])
+    assert ql["sum"] == pytest.approx(ql_sum, abs=1e-4) and ql["mean"] == pytest.approx(ql_mean, abs=1e-4)
+    assert rc["logodds"] == pytest.approx(rc_logodds, abs=1e-4)
+    assert scorer.forward_tokens == scorer.prompt_tokens  # prefix + tail, each token once
+
+
+def test_batch_size_does_not_change_scores(tiny_llm, template):
+    one = score_relevance(make_pairs(), tiny_llm, ScoreParams(batch_size=1, max_passage_tokens=40), LLMCache(None),
+                          template, progress=False).scores  # fmt: skip
+    many = score_relevance(make_pairs(), tiny_llm, ScoreParams(batch_size=64, max_passage_tokens=40), LLMCache(None),
+                           template, progress=False).scores  # fmt: skip
+    for a, b in zip(one.to_pylist(), many.to_pylist()):
+        assert (a["query_id"], a["passage_id"]) == (b["query_id"], b["passage_id"])
+        assert a["ql_sum"] == pytest.approx(b["ql_sum"], abs=1e-4)
+        assert a["rc_logodds"] == pytest.approx(b["rc_logodds"], abs=1e-4)
+
+
+def test_answer_tokens_cover_both_spellings(tiny_llm, template):
+    scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+    decoded = {tiny_llm.tokenizer.decode([i]) for i in scorer.yes_ids}
+    assert {"yes", "Yes"} <= decoded and decoded <= {"yes", "Yes", " yes", " Yes"}
+    assert not set(scorer.yes_ids) & set(scorer.no_ids)
+
+
+def test_ranks_within_query_with_ties():
+    scores = pa.Table.from_pylist(
+        [
+            # qa: p2 and p3 tie on ql_sum -> the better knn_rank (p3, 1) first; rc all tied -> knn order.
+            {"query_id": "qa", "passage_id": "p1", "knn_rank": 3, "ql_sum": -1.0, "rc_logodds": 0.5},
+            {"query_id": "qa", "passage_id": "p2", "knn_rank": 2, "ql_sum": -2.0, "rc_logodds": 0.5},
+            {"query_id": "qa", "passage_id": "p3", "knn_rank": 1, "ql_sum": -2.0, "rc_logodds": 0.5},
+            # qb: ranks are per query, highest score first.
+            {"query_id": "qb", "passage_id": "p1", "knn_rank": 1, "ql_sum": -9.0, "rc_logodds": -3.0},
+            {"query_id": "qb", "passage_id": "p4", "knn_rank": 2, "ql_sum": -0.5, "rc_logodds": 2.0},
+        ]
+    )
+    scores = scores.append_column("ql_mean", scores["ql_sum"]).append_column("ql_tokens", pa.array([1] * 5, pa.int32()))
+    scores = scores.append_column("llm", pa.array(["m"] * 5)).append_column("prompt_hash", pa.array(["h"] * 5))
+    ranked = {(r["query_id"], r["passage_id"]): (r["ql_rank"], r["rc_rank"]) for r in rank_scores(scores).to_pylist()}
+    assert ranked == {
+        ("qa", "p1"): (1, 3),
+        ("qa", "p3"): (2, 1),
+        ("qa", "p2"): (3, 2),
+        ("qb", "p4"): (1, 1),
+        ("qb", "p1"): (2, 2),
+    }
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_crash_redoes_no_finished_prompt(tiny_llm, template, tmp_path):
+    expected = score_relevance(make_pairs(), tiny_llm, PARAMS, LLMCache(None), template, progress=False).scores
+    path = tmp_path / "llm.duckdb"
+    first = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+
+    def crash_after_two(batches: int) -> None:
+        if batches == 2:
+            raise Crash
+
+    with LLMCache(path) as cache, pytest.raises(Crash):
+        score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False,
+                        on_batch=crash_after_two, scorer=first)  # fmt: skip
+    assert 0 < first.forward_rows < 2 * len(PAIRS)
+
+    second = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+    with LLMCache(path) as cache:
+        resumed = score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False, scorer=second)
+    assert second.forward_rows == 2 * len(PAIRS) - first.forward_rows  # nothing finished is redone
+    assert resumed.stats["cached"] == first.forward_rows
+
+    third = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+    with LLMCache(path) as cache:
+        again = score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False, scorer=third)
+    assert third.forward_rows == 0 and again.stats["cached"] == 2 * len(PAIRS)
+    for a, b in zip(expected.to_pylist(), again.scores.to_pylist()):
+        assert a["ql_sum"] == pytest.approx(b["ql_sum"], abs=1e-6)
+        assert a["rc_logodds"] == pytest.approx(b["rc_logodds"], abs=1e-6)
+        assert (a["ql_rank"], a["rc_rank"]) == (b["ql_rank"], b["rc_rank"])
+
+
+def test_editing_the_rc_prompt_keeps_ql_cached(tiny_llm, template, tmp_path):
+    edited = tmp_path / "score.jinja"
+    edited.write_text(template.source.replace("Answer yes or no.", "Reply yes or no."))
+    with LLMCache(tmp_path / "llm.duckdb") as cache:
+        score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False)
+        scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+        result = score_relevance(make_pairs(), tiny_llm, PARAMS, cache, ScoreTemplate(edited), progress=False,
+                                 scorer=scorer)  # fmt: skip
+    assert result.stats["cached"] == len(PAIRS) and scorer.forward_rows == len(PAIRS)  # the RC prompts only
+
+
+def make_project(root: Path, model_dir: Path) -> None:
+    """params.yaml, the prompt file and the three upstream stage files of a tiny project."""
+    from pipeline.warehouse import write_stage, write_table
+
+    (root / "params.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            base: {{threads: 1, device: cpu}}
+            llm: {{model: {model_dir}, cache_path: cache/llm.duckdb}}
+            score: {{batch_size: 4, max_passage_tokens: 40}}
+            """
+        )
+    )
+    (root / "prompts").mkdir()
+    shutil.copy(ROOT / PROMPT_FILE, root / PROMPT_FILE)
+    passages = pa.Table.from_pylist(
+        [{"passage_id": p, "doc_id": p, "title": t, "text": x, "n_words": len(x.split()), "source": "c"}
+         for p, (t, x) in PASSAGES.items()]
+    )  # fmt: skip
+    queries = pa.Table.from_pylist(
+        [{"query_id": q, "passage_id": "p1", "task_type": "question answering", "task": TASK, "query": text,
+          "llm": "tiny", "prompt_hash": "h"} for q, text in QUERIES.items()]
+    )  # fmt: skip
+    neighbors = pa.Table.from_pylist(
+        [{"query_id": q, "passage_id": p, "knn_rank": k, "knn_score": 1.0 - k / 10} for q, p, k in PAIRS]
+    )
+    for stage, table, upstream in [
+        ("passages", passages, []), ("queries", queries, ["passages"]), ("neighbors", neighbors, ["passages", "queries"])
+    ]:  # fmt: skip
+        with write_stage(stage, upstream=upstream, warehouse=root / "warehouse") as con:
+            write_table(con, stage, table)
+
+
+def test_stage_end_to_end_and_cached_rerun(tiny_llm_dir, tmp_path, monkeypatch, capsys):
+    from python_steps import llm_scores
+
+    make_project(tmp_path, tiny_llm_dir)
+    monkeypatch.chdir(tmp_path)
+    llm_scores.main()
+    out = capsys.readouterr().out
+    assert f"llm_scores: {len(PAIRS)} scored pairs" in out
+    assert f"llm cache: 0 hits, {2 * len(PAIRS)} prompts scored" in out
+
+    con = duckdb.connect(str(tmp_path / "warehouse" / "llm_scores.duckdb"), read_only=True)
+    columns = [r[0] for r in con.execute("DESCRIBE llm_scores").fetchall()]
+    assert columns[:8] == ["query_id", "passage_id", "knn_rank", "ql_sum", "ql_mean", "rc_logodds", "ql_rank", "rc_rank"]
+    first = con.execute("SELECT * FROM llm_scores ORDER BY query_id, passage_id").fetchall()
+    # Ranks are a permutation 1..n within each query.
+    bad = con.execute(
+        "SELECT count(*) FROM (SELECT query_id, list_sort(list(ql_rank)) a, list_sort(list(rc_rank)) b, "
+        "range(1, count(*) + 1) want FROM llm_scores GROUP BY query_id) WHERE a != want OR b != want"
+    ).fetchone()[0]
+    con.close()
+    assert len(first) == len(PAIRS) and bad == 0
+
+    llm_scores.main()  # nothing changed: every prompt comes from the cache
+    out = capsys.readouterr().out
+    assert f"llm cache: {2 * len(PAIRS)} hits, 0 prompts scored" in out
+    con = duckdb.connect(str(tmp_path / "warehouse" / "llm_scores.duckdb"), read_only=True)
+    assert con.execute("SELECT * FROM llm_scores ORDER BY query_id, passage_id").fetchall() == first
+    # The downstream fusion SQL reads this table as written.
+    con.execute("SET VARIABLE select_rrf_k = 0")
+    con.execute(f"ATTACH '{tmp_path / 'warehouse' / 'neighbors.duckdb'}' AS nb (READ_ONLY)")
+    con.execute(f"ATTACH '{tmp_path / 'warehouse' / 'queries.duckdb'}' AS qs (READ_ONLY)")
+    con.execute("CREATE TEMP VIEW neighbors AS SELECT * FROM nb.neighbors")
+    con.execute("CREATE TEMP VIEW queries AS SELECT * FROM qs.queries")
+    fused = con.execute((ROOT / "sql" / "fused_ranks.sql").read_text()).fetchall()
+    con.close()
+    assert len(fused) == len(PAIRS)
+
+
+@pytest.mark.slow
+def test_smollm2_scores_equal_the_plain_computation(template, tmp_path):
+    """Real SmolLM2-135M: 2 queries x 3 passages, scorer vs the plain reference."""
+    from pipeline.llm import load_llm
+
+    llm = load_llm(LLMParams(model_cache_dir=ROOT / ".fret/cache/models"), BaseParams(threads=1, device="cpu"))
+    pairs = [(q, p, k) for q in ("q1", "q3") for k, p in enumerate(("p1", "p3", "p4"), 1)]
+    table = pa.Table.from_pylist(
+        [{"query_id": q, "passage_id": p, "knn_rank": k, "task": TASK, "query": QUERIES[q],
+          "title": PASSAGES[p][0], "text": PASSAGES[p][1]} for q, p, k in pairs]
+    )  # fmt: skip
+    scores = score_relevance(table, llm, PARAMS, LLMCache(None), template, progress=False).scores
+    for row in scores.to_pylist():
+        title, text = PASSAGES[row["passage_id"]]
+        ql_sum, ql_mean, rc = reference_scores(llm, template, title, text, QUERIES[row["query_id"]])
+        assert row["ql_sum"] == pytest.approx(ql_sum, abs=1e-4)
+        assert row["ql_mean"] == pytest.approx(ql_mean, abs=1e-4)
+        assert row["rc_logodds"] == pytest.approx(rc, abs=1e-4)
+    # The bee query is most likely under the bee passage.
+    best = {r["query_id"]: r["passage_id"] for r in scores.to_pylist() if r["ql_rank"] == 1}
+    assert best["q1"] == "p1"
