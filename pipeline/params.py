@@ -180,8 +180,10 @@ class EvalParams(Section):
     }
     sts: dict[str, EvalSetParams] = {}
     # true: Gecko unified format (encoder.*_template); false: raw texts, as MTEB's leaderboard runs.
+    # `prefixes` applies to the trained model (`train.output`, scored when the folder exists);
+    # `base_prefixes` to the base model, which never saw the Gecko format: false scores it at its best.
     prefixes: bool = True
-    trained_model: Path = Path("models/fret-encoder")  # evaluated too when the folder exists
+    base_prefixes: bool = False
     metrics_path: Path = Path("metrics/eval.json")
     plot_path: Path = Path("metrics/eval_plot.json")
 

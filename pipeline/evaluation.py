@@ -1,0 +1,494 @@
+"""Evaluation the way MTEB measures it, on local files, offline.
+
+Local eval sets become mteb tasks: a BEIR folder (`corpus.jsonl`, `queries.jsonl`,
+`qrels/<split>.tsv`) a custom `AbsTaskRetrieval`, an STS TSV (`<folder>/<split>.tsv` with columns
+`sentence1`, `sentence2`, `score`) a custom `AbsTaskSTS`. Files are parsed when the task is built,
+so a bad row fails before any model loads, with the file and line in the message.
+
+fret's encoder (anything with `encode(texts, batch_size=...) -> float32 array`, unit length) is
+handed to `mteb.evaluate` through `MtebEncoder`, which implements mteb's `EncoderProtocol` and
+writes the Gecko unified format: `task: {task} | query: {query}` for queries and both sides of an
+STS pair, `title: {title} | text: {text}` for documents. With prefixes off it passes exactly the
+texts mteb gives a sentence-transformers model (title and text joined by a space), so plain
+all-MiniLM-L6-v2 reproduces the published MTEB scores.
+
+mteb and torch are imported inside the functions that need them (mteb takes seconds to import).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.encoder import TextFormat
+
+# Reported per task type; every name is a key of mteb's scores dict.
+RETRIEVAL_METRICS = ("ndcg_at_10", "recall_at_100", "map_at_100")
+STS_METRICS = ("cosine_spearman",)
+MAIN_METRIC = {"retrieval": "ndcg_at_10", "sts": "cosine_spearman"}
+
+
+class EvalDataError(ValueError):
+    """An eval set that cannot be read; the message names the file and, where known, the line."""
+
+
+class TextEncoder(Protocol):
+    """What evaluation needs from an encoder: `pipeline.encoder.Encoder` satisfies it."""
+
+    def encode(self, texts: Sequence[str], batch_size: int = ...) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Reading eval sets
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    """A BEIR split in memory: only the queries judged in the split's qrels are kept."""
+
+    corpus: list[dict[str, str]]  # id, title, text
+    queries: list[dict[str, str]]  # id, text
+    qrels: dict[str, dict[str, int]]  # query id -> {corpus id: relevance}
+
+
+@dataclass(frozen=True)
+class STSSet:
+    sentence1: list[str]
+    sentence2: list[str]
+    score: list[float]
+
+
+def _read_jsonl(path: Path, fields: Sequence[str]) -> Iterable[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) for each non-blank line; `fields` must be present as strings."""
+    if not path.is_file():
+        raise EvalDataError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalDataError(f"{path}:{number}: not valid JSON: {err.msg}") from None
+            if not isinstance(record, dict):
+                raise EvalDataError(f"{path}:{number}: expected a JSON object")
+            for name in fields:
+                if not isinstance(record.get(name), str):
+                    raise EvalDataError(f"{path}:{number}: missing or non-string field {name!r}")
+            yield number, record
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """Read a BEIR qrels TSV (`query-id corpus-id score`, header line first)."""
+    if not path.is_file():
+        raise EvalDataError(f"{path}: qrels file not found (the split is the file name: qrels/<split>.tsv)")
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(rows, None)
+        if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
+            raise EvalDataError(f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score', got {header!r}")
+        for number, row in enumerate(rows, start=2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != 3:
+                raise EvalDataError(f"{path}:{number}: expected 3 tab-separated columns, got {len(row)}")
+            try:
+                score = int(row[2])
+            except ValueError:
+                raise EvalDataError(f"{path}:{number}: score {row[2]!r} is not an integer") from None
+            qrels.setdefault(row[0], {})[row[1]] = score
+    if not qrels:
+        raise EvalDataError(f"{path}: no judgments")
+    return qrels
+
+
+def read_beir(folder: Path, split: str) -> RetrievalSet:
+    """Read a BEIR folder's corpus, queries and `qrels/<split>.tsv`.
+
+    Queries without a judgment in the split are dropped (BEIR ships all splits' queries in one
+    file); a judged query or document that the files lack is an error, since silently dropping it
+    would change the score.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalDataError(f"{folder}: BEIR folder not found")
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    qrels = read_qrels(qrels_path)
+    corpus_path, queries_path = folder / "corpus.jsonl", folder / "queries.jsonl"
+    corpus = [
+        {"id": r["_id"], "title": r.get("title") or "", "text": r["text"]}
+        for _, r in _read_jsonl(corpus_path, ("_id", "text"))
+    ]
+    queries = [
+        {"id": r["_id"], "text": r["text"]} for _, r in _read_jsonl(queries_path, ("_id", "text")) if r["_id"] in qrels
+    ]
+    missing_queries = sorted(set(qrels) - {q["id"] for q in queries})
+    if missing_queries:
+        raise EvalDataError(f"{qrels_path}: query ids not in {queries_path}: {missing_queries[:5]}")
+    doc_ids = {d["id"] for d in corpus}
+    missing_docs = sorted({d for judged in qrels.values() for d in judged} - doc_ids)
+    if missing_docs:
+        raise EvalDataError(f"{qrels_path}: corpus ids not in {corpus_path}: {missing_docs[:5]}")
+    return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def read_sts(path: Path) -> STSSet:
+    """Read an STS TSV with a header naming `sentence1`, `sentence2` and `score` (extra columns ignored).
+
+    The file is read without quote handling (STS Benchmark has bare `"` inside sentences).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: STS file not found")
+    out = STSSet([], [], [])
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(rows, None) or []
+        try:
+            cols = [header.index(name) for name in ("sentence1", "sentence2", "score")]
+        except ValueError:
+            raise EvalDataError(f"{path}:1: header must name sentence1, sentence2 and score, got {header!r}") from None
+        for number, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise EvalDataError(f"{path}:{number}: expected {len(header)} tab-separated columns, got {len(row)}")
+            try:
+                score = float(row[cols[2]])
+            except ValueError:
+                raise EvalDataError(f"{path}:{number}: score {row[cols[2]]!r} is not a number") from None
+            if not math.isfinite(score):
+                raise EvalDataError(f"{path}:{number}: score {row[cols[2]]!r} is not finite")
+            out.sentence1.append(row[cols[0]])
+            out.sentence2.append(row[cols[1]])
+            out.score.append(score)
+    if len(out.score) < 2:
+        raise EvalDataError(f"{path}: needs at least 2 pairs for a correlation")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# mteb tasks over local data
+
+
+def _metadata(name: str, kind: str, path: Path, split: str, task: str, description: str) -> Any:
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    return TaskMetadata(
+        name=name,
+        # Never downloaded: load_data below is overridden; the path is kept for the record.
+        dataset={"path": str(path), "revision": "local"},
+        description=description,
+        type="Retrieval" if kind == "retrieval" else "STS",
+        category="t2t",
+        modalities=["text"],
+        eval_splits=[split],
+        eval_langs=["eng-Latn"],
+        main_score=MAIN_METRIC[kind],
+        # The query-side task description, where mteb keeps per-task prompts; MtebEncoder reads it.
+        prompt={"query": task},
+    )
+
+
+def retrieval_task(name: str, folder: Path, split: str = "test", task: str = "") -> Any:
+    """An mteb `AbsTaskRetrieval` over a local BEIR folder (parsed now, errors name file and line)."""
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+
+    data = read_beir(Path(folder), split)
+
+    class LocalRetrieval(AbsTaskRetrieval):
+        metadata = _metadata(name, "retrieval", Path(folder), split, task, f"BEIR folder {folder}, split {split}")
+
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            # mteb unloads data after each model; rebuilding the Datasets from memory is cheap.
+            if self.data_loaded:
+                return
+            self.dataset = {
+                "default": {
+                    split: {
+                        "corpus": Dataset.from_list(data.corpus),
+                        "queries": Dataset.from_list(data.queries),
+                        "relevant_docs": {q: dict(d) for q, d in data.qrels.items()},
+                        "top_ranked": None,
+                    }
+                }
+            }
+            self.data_loaded = True
+
+    return LocalRetrieval()
+
+
+def sts_task(name: str, folder: Path, split: str = "test", task: str = "") -> Any:
+    """An mteb `AbsTaskSTS` over `<folder>/<split>.tsv` (scores 0-5)."""
+    from datasets import Dataset
+    from mteb.abstasks.sts import AbsTaskSTS
+
+    path = Path(folder) / f"{split}.tsv"
+    data = read_sts(path)
+
+    class LocalSTS(AbsTaskSTS):
+        metadata = _metadata(name, "sts", path, split, task, f"STS pairs {path}")
+        min_score = 0
+        max_score = 5
+
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            if self.data_loaded:
+                return
+            self.dataset = {
+                split: Dataset.from_dict({"sentence1": data.sentence1, "sentence2": data.sentence2, "score": data.score})
+            }
+            self.data_loaded = True
+
+    return LocalSTS()
+
+
+# --------------------------------------------------------------------------------------------
+# fret's encoder behind mteb's EncoderProtocol
+
+
+def format_texts(
+    batches: Iterable[dict[str, Any]],
+    *,
+    side: str,
+    task: str,
+    text_format: TextFormat | None,
+) -> list[str]:
+    """The strings the encoder sees for mteb's batches of one side.
+
+    Args:
+        batches: mteb DataLoader batches. Documents carry `text` (title and text joined by a
+            space, as mteb gives sentence-transformers), `title` and `body` (the text alone).
+        side: "document" for the corpus; anything else (queries, both STS sentences) is a query.
+        task: the task description for the query side.
+        text_format: Gecko templates; None means no prefixes (mteb's own texts, unchanged).
+    """
+    texts: list[str] = []
+    for batch in batches:
+        if text_format is None:
+            texts.extend(batch["text"])
+        elif side == "document":
+            titles = batch.get("title") or [""] * len(batch["body"])
+            texts.extend(text_format.passages(titles, batch["body"]))
+        else:
+            texts.extend(text_format.queries([task] * len(batch["text"]), batch["text"]))
+    return texts
+
+
+@dataclass
+class MtebEncoder:
+    """fret's encoder as an mteb `EncoderProtocol` model.
+
+    Args:
+        encoder: has `encode(texts, batch_size=...)` returning unit-length float32 rows.
+        name: shown in mteb's results (`fret/<name>`).
+        text_format: Gecko templates, or None for no prefixes.
+        revision: e.g. the weights hash, for the record.
+    """
+
+    encoder: TextEncoder
+    name: str
+    text_format: TextFormat | None = None
+    revision: str = "local"
+    # Every text sent to the encoder, when a test wants to see them.
+    seen: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def mteb_model_meta(self) -> Any:
+        from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+        return ModelMeta.create_empty(
+            overwrites={
+                "name": f"fret/{self.name}",
+                "revision": self.revision,
+                "similarity_fn_name": ScoringFunction.COSINE,
+                "framework": ["PyTorch"],
+            }
+        )
+
+    def encode(
+        self,
+        inputs: Iterable[dict[str, Any]],
+        *,
+        task_metadata: Any,
+        hf_split: str,
+        hf_subset: str,
+        prompt_type: Any = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Encode one side of a task; mteb passes a DataLoader of dict batches."""
+        prompt = task_metadata.prompt if isinstance(task_metadata.prompt, dict) else {}
+        side = getattr(prompt_type, "value", prompt_type) or "query"
+        texts = format_texts(inputs, side=side, task=prompt.get("query", ""), text_format=self.text_format)
+        if self.seen is not None:
+            self.seen.extend(texts)
+        vectors = self.encoder.encode(texts, batch_size=int(kwargs.get("batch_size", 32)))
+        return np.asarray(vectors, dtype=np.float32)
+
+    def similarity(self, embeddings1: Any, embeddings2: Any) -> Any:
+        from mteb.similarity_functions import cos_sim
+
+        return cos_sim(embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> Any:
+        from mteb.similarity_functions import pairwise_cos_sim
+
+        return pairwise_cos_sim(embeddings1, embeddings2)
+
+
+@dataclass
+class CachedEncoder:
+    """An `Encoder` whose `encode` goes through the embedding cache.
+
+    The base model's vectors for an eval set never change, so after the first run only the
+    trained model (a new fingerprint) is embedded.
+    """
+
+    encoder: Any  # pipeline.encoder.Encoder
+    cache: Any  # pipeline.embedding_cache.EmbeddingCache | None
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        from pipeline.embedding_cache import encode_cached
+
+        vectors, _ = encode_cached(self.encoder, texts, self.cache, batch_size=batch_size)
+        return vectors
+
+
+# --------------------------------------------------------------------------------------------
+# Running and reporting
+
+
+def build_tasks(eval_params: Any, root: Path) -> list[Any]:
+    """The mteb tasks for the `eval` params section; relative paths are taken from `root`.
+
+    Raises:
+        EvalDataError: a file is missing or malformed (file and line in the message).
+    """
+
+    def full(path: Path) -> Path:
+        return path if path.is_absolute() else root / path
+
+    tasks = [retrieval_task(name, full(s.path), s.split, s.task) for name, s in eval_params.retrieval.items()]
+    tasks += [sts_task(name, full(s.path), s.split, s.task) for name, s in eval_params.sts.items()]
+    return tasks
+
+
+def run_tasks(
+    model: Any,
+    tasks: Sequence[Any],
+    *,
+    batch_size: int = 64,
+    show_progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Evaluate one model on tasks with `mteb.evaluate` (no result cache, nothing downloaded).
+
+    Returns:
+        {task name: {metric: score}} with the metrics of RETRIEVAL_METRICS / STS_METRICS.
+    """
+    import mteb
+
+    result = mteb.evaluate(
+        model,
+        list(tasks),
+        cache=None,
+        encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress},
+        show_progress_bar=show_progress,
+        co2_tracker=False,
+    )
+    by_name = {task.metadata.name: task for task in tasks}
+    out: dict[str, dict[str, float]] = {}
+    for task_result in result.task_results:
+        task = by_name[task_result.task_name]
+        split = task.metadata.eval_splits[0]
+        scores = task_result.scores[split][0]
+        wanted = RETRIEVAL_METRICS if task.metadata.type == "Retrieval" else STS_METRICS
+        # mteb rounds retrieval scores to 5 places; STS too, so dvc shows one precision.
+        out[task_result.task_name] = {metric: round(float(scores[metric]), 5) for metric in wanted}
+    return out
+
+
+def plot_rows(results: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """Long-format rows for `dvc plots`: one bar per (task, metric, model), models side by side."""
+    rows = []
+    for model, tasks in results.items():
+        for task, metrics in tasks.items():
+            for metric, score in metrics.items():
+                rows.append({"label": f"{task} {metric} {model}", "model": model, "task": task, "metric": metric, "score": round(score, 5)})
+    order = list(results)
+    return sorted(rows, key=lambda r: (r["task"], r["metric"], order.index(r["model"])))
+
+
+def summary(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A table of every task and metric, one column per model (plus trained - base when both ran)."""
+    models = list(results)
+    keys = sorted({(t, m) for tasks in results.values() for t, metrics in tasks.items() for m in metrics})
+    width = max([len(f"{t} {m}") for t, m in keys] + [10])
+    header = f"{'task metric':<{width}}" + "".join(f"{name:>10}" for name in models)
+    both = {"base", "trained"} <= set(models)
+    lines = [header + (f"{'delta':>10}" if both else "")]
+    for task, metric in keys:
+        cells = [results[name].get(task, {}).get(metric) for name in models]
+        line = f"{f'{task} {metric}':<{width}}" + "".join(f"{c:>10.4f}" if c is not None else f"{'-':>10}" for c in cells)
+        if both:
+            line += f"{results['trained'][task][metric] - results['base'][task][metric]:>+10.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict[str, dict[str, dict[str, float]]], metrics_path: Path, plot_path: Path) -> None:
+    """Write the metrics JSON (model -> task -> metric) and the plot rows JSON."""
+    for path, content in ((metrics_path, results), (plot_path, plot_rows(results))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+
+def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
+    """Score the base encoder (`encoder.model`) and, when its folder exists, the trained one (`train.output`).
+
+    Both use the `encoder` section's settings; the Gecko templates apply to the base model with
+    `eval.base_prefixes` and to the trained one with `eval.prefixes`.
+
+    Returns:
+        ({"base"|"trained": {task: {metric: score}}}, {"base"|"trained": model identity}).
+
+    Raises:
+        pipeline.encoder.EncoderError: a model folder that cannot be loaded.
+    """
+    from pipeline.embedding_cache import open_cache
+    from pipeline.encoder import Encoder, TextFormat
+
+    enc, ev = params.encoder, params.eval
+
+    def full(path: Path) -> Path:
+        return path if path.is_absolute() else root / path
+
+    models = {"base": (enc.model, ev.base_prefixes)}
+    if full(params.train.output).is_dir():
+        models["trained"] = (str(full(params.train.output)), ev.prefixes)
+    cache = open_cache(None if enc.cache_path is None else full(enc.cache_path))
+    results, identities = {}, {}
+    try:
+        for label, (model, prefixes) in models.items():
+            text_format = TextFormat.from_params(enc) if prefixes else None
+            encoder = Encoder.load(
+                model, device=params.base.device, dtype=enc.dtype, max_length=enc.max_length, threads=params.base.threads
+            )
+            identities[label] = encoder.identity
+            wrapped = MtebEncoder(CachedEncoder(encoder, cache), label, text_format, revision=encoder.identity)
+            results[label] = run_tasks(wrapped, tasks, batch_size=enc.batch_size)
+    finally:
+        if cache is not None:
+            cache.close()
+    return results, identities

@@ -1,0 +1,56 @@
+"""Stage `evaluate`: score the base encoder and the trained one with mteb on the `eval` sets.
+
+Writes `eval.metrics_path` (model -> task -> metric, for `dvc metrics show/diff` and
+`dvc exp show`) and `eval.plot_path` (one row per model, task and metric, for `dvc plots`).
+The trained model (`train.output`) is scored only when its folder exists.
+Run from the repository root: `python -m python_steps.evaluate [PARAMS_FILE]`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline.evaluation import EvalDataError, build_tasks, summary, write_outputs
+from pipeline.params import PARAMS_FILE, ParamsError, load_params
+
+STAGE = "evaluate"
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
+    args = sys.argv[1:] if argv is None else argv
+    params_file = Path(args[0] if args else PARAMS_FILE)
+    root = params_file.resolve().parent
+    try:
+        params = load_params(params_file)
+        tasks = build_tasks(params.eval, root)  # reads every file now: bad data fails before models load
+    except (ParamsError, EvalDataError) as err:
+        # One clear line for DVC's log instead of a traceback: the message names file and line.
+        raise SystemExit(f"{STAGE}: {err}") from None
+    # Everything is local: keep datasets/huggingface_hub from trying the network (and timing out).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from pipeline.encoder import EncoderError  # torch: only once params and data are valid
+    from pipeline.evaluation import evaluate_models
+
+    try:
+        results, identities = evaluate_models(params, root, tasks)
+    except EncoderError as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    ev = params.eval
+    write_outputs(results, root / ev.metrics_path, root / ev.plot_path)
+    print(
+        f"{STAGE}: {len(tasks)} task(s), prefixes base {'on' if ev.base_prefixes else 'off'} / "
+        f"trained {'on' if ev.prefixes else 'off'}, "
+        f"{time.perf_counter() - started:.1f} s -> {ev.metrics_path}, {ev.plot_path}"
+    )
+    for label, identity in identities.items():
+        print(f"  {label}: {identity}")
+    print(summary(results))
+
+
+if __name__ == "__main__":
+    main()
