@@ -71,8 +71,13 @@ def open_live(params: Params, counts):
     already records the experiment, and a plain `python -m python_steps.train` should not create one.
     """
     from dvclive import Live
+    from scmrepo.exceptions import SCMError
 
-    live = Live(dir=LIVE_DIR, save_dvc_exp=False, dvcyaml=False)
+    try:
+        live = Live(dir=LIVE_DIR, save_dvc_exp=False, dvcyaml=False)
+    except SCMError as err:
+        # dvclive reads the current commit; a `git init` with no commit yet makes it fail obscurely.
+        raise SystemExit(f"train: dvclive cannot read the git repository ({err}); commit once (`git commit`) and re-run") from None
     live.log_params(
         {
             "train": params.train.model_dump(mode="json"),

@@ -20,6 +20,8 @@ LINES = [
     "Rivers carry sediment from the mountains to the sea; glaciers move slowly downhill.",
     "You write training data for a search engine. Reply with JSON only.",
     "0123456789 ,.;:!?'()[]{}-_/\\\"",
+    # single-token yes/no answers, which relevance classification (llm_scores) reads
+    "Does the passage answer the query? yes Yes no No",
 ]
 # ChatML, as SmolLM2 uses: the tests exercise the chat-template path of the real model.
 CHAT_TEMPLATE = (
