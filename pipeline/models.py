@@ -99,12 +99,20 @@ def parse_model(path: Path) -> Model:
     name = path.stem
     if not _NAME.match(name):
         raise ModelError(f"{path}: model file names must be lower-case identifiers ([a-z_][a-z0-9_]*)")
-    sql = path.read_text(encoding="utf-8")
+    sql = _read_text(path)
     try:
         query = _parse_query(sql)
     except SqlglotError as err:
         raise ModelError(f"{_where(path, err)}: SQL does not parse: {_first_error(err)}") from None
     return Model(name, path, sql, _dependencies(query), _purpose(path, sql), _variables_used(query))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes().count(b"\n", 0, err.start) + 1
+        raise ModelError(f"{path}:{line}: not UTF-8 (byte 0x{err.object[err.start]:02x})") from None
 
 
 def _where(path: Path, err: SqlglotError) -> str:
@@ -220,7 +228,7 @@ def load_schema(sql_dir: str | Path, models: list[Model]) -> list[ModelSchema]:
     if not path.is_file():
         return []
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as err:
         raise ModelError(f"{path}: not valid YAML: {err}") from None
     _check_keys(data, {"version", "models"}, path, "top level")

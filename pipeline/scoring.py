@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from pipeline.llm import LLM
 
-PROMPT_FILE = Path("prompts/score.jinja")
+PROMPT_FILE = Path(__file__).resolve().parent.parent / "prompts" / "score.jinja"
 NAMESPACE = "score"
 QL, RC = "ql", "rc"
 # Bump when the computation of a score changes for the same prompt (answer-token rule, target span):

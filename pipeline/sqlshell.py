@@ -40,12 +40,49 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
         raise QueryRefused(f"cannot parse the query: {err}") from None
     if len(statements) != 1:
         raise QueryRefused(f"fret sql runs exactly one statement; got {len(statements)}")
-    kind = statements[0].type
+    try:
+        kind = statements[0].type
+    except ValueError:  # a statement type newer than this duckdb module's enum (e.g. UPDATE EXTENSIONS)
+        raise QueryRefused("fret sql is read-only: this kind of statement is refused") from None
     if kind not in READ_STATEMENTS:
         raise QueryRefused(
             f"fret sql is read-only: {kind.name} statements are refused "
             "(the warehouse is written only by `dvc repro`)"
         )
+    if kind == duckdb.StatementType.EXPLAIN:
+        # EXPLAIN ANALYZE executes its statement (`EXPLAIN ANALYZE COPY ... TO` writes the file):
+        # what is explained must itself be a read.
+        inner = _explained(statements[0].query)
+        try:
+            check_read_only(con, inner)
+        except QueryRefused as err:
+            raise QueryRefused(f"EXPLAIN of a statement that is not a read: {err}") from None
+
+
+# First words of a parenthesised statement, told apart from EXPLAIN's `(option, ...)` list.
+_QUERY_STARTS = {"select", "with", "from", "values", "table", "(", "summarize", "describe", "show", "pivot", "unpivot"}
+
+
+def _explained(query: str) -> str:
+    """The statement after `EXPLAIN [ANALYZE]` or `EXPLAIN (options)`, comments skipped."""
+    tokens = duckdb.tokenize(query)
+    ends = [start for start, _ in tokens[1:]] + [len(query)]
+    words = [
+        (start, query[start:end].strip().lower())
+        for (start, kind), end in zip(tokens, ends)
+        if kind != duckdb.token_type.comment
+    ]
+    at = 1  # words[0] is EXPLAIN
+    if at < len(words) and words[at][1] == "analyze":
+        at += 1
+    elif at + 1 < len(words) and words[at][1] == "(" and words[at + 1][1] not in _QUERY_STARTS:
+        depth = 0
+        while at < len(words):
+            depth += words[at][1].count("(") - words[at][1].count(")")
+            at += 1
+            if depth <= 0:
+                break
+    return query[words[at][0] :] if at < len(words) else ""
 
 
 def _lock_down(con: duckdb.DuckDBPyConnection) -> None:

@@ -293,10 +293,9 @@ def write_model(encoder, path: str | Path, config: dict[str, Any]) -> Path:
     Args:
         config: what `training_config` returns; written as JSON and summarised in README.md.
     """
-    path = encoder.save(path)
-    (path / "fret_training.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (path / "README.md").write_text(model_card(config), encoding="utf-8")
-    return path
+    # Inside the folder before it is swapped in: a crash never leaves new weights without their config.
+    extra = {"fret_training.json": json.dumps(config, indent=2) + "\n", "README.md": model_card(config)}
+    return encoder.save(path, extra_files=extra)
 
 
 def training_config(

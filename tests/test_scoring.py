@@ -9,7 +9,6 @@ position differ between them.
 from __future__ import annotations
 
 import math
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -259,8 +258,6 @@ def make_project(root: Path, model_dir: Path) -> None:
             """
         )
     )
-    (root / "prompts").mkdir()
-    shutil.copy(ROOT / PROMPT_FILE, root / PROMPT_FILE)
     passages = pa.Table.from_pylist(
         [{"passage_id": p, "doc_id": p, "title": t, "text": x, "n_words": len(x.split()), "source": "c"}
          for p, (t, x) in PASSAGES.items()]
