@@ -114,5 +114,33 @@ def params_command(params_file: Path) -> None:
     click.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).rstrip())
 
 
+@main.command("report")
+@warehouse_option
+@click.option(
+    "--metrics", type=click.Path(dir_okay=False, path_type=Path), default=Path("metrics/eval.json"), show_default=True,
+    help="The evaluate stage's metrics JSON.",
+)
+@click.option(
+    "--dvclive", "live_dir", type=click.Path(file_okay=False, path_type=Path),
+    help="dvclive folder with the training loss [default: dvclive next to --warehouse].",
+)
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"), show_default=True,
+    help="The HTML file to write.",
+)
+def report_command(warehouse: Path, metrics: Path, live_dir: Path | None, output: Path) -> None:
+    """Write a self-contained HTML report (inline SVG charts) of the warehouse, training and eval."""
+    import duckdb
+
+    from pipeline.report import write_report
+    from pipeline.warehouse import WarehouseError
+
+    try:
+        path = write_report(output, warehouse=warehouse, metrics=metrics, live_dir=live_dir)
+    except (WarehouseError, ValueError, duckdb.Error) as err:  # bad JSON / TSV, or an old table layout
+        raise click.ClickException(str(err)) from None
+    click.echo(f"report: {path} ({path.stat().st_size:,} bytes)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
