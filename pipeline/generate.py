@@ -199,8 +199,6 @@ def generate_queries(
     Raises:
         GenerationError: the share of failed queries exceeds `params.max_failure_rate`.
     """
-    from pipeline.llm import Decoding
-
     template = template or PromptTemplate()
     started = time.perf_counter()
     requests = build_requests(passages, llm, params, seed, template)
@@ -213,10 +211,8 @@ def generate_queries(
     bar = _progress_bar(len(todo), progress)
     gen_started = time.perf_counter()
     for b, batch in enumerate(batches):
-        finished: dict[str, dict[str, Any]] = {}
-        check = _checker(batch, params, template, finished, failures, counts)
-        decodings = [Decoding(r.seed, params.temperature) for r in batch]
-        llm.generate_json([r.prompt for r in batch], GeneratedQuery, decodings, params.max_new_tokens, retry=check)
+        finished, batch_failures = _run_batch(llm, batch, params, template, counts)
+        failures.extend(batch_failures)
         done.update(cache.put_many(NAMESPACE, finished))  # per batch: a crash loses this batch at most
         if on_batch is not None:
             on_batch(b + 1)
@@ -247,6 +243,32 @@ def generate_queries(
             f"{params.max_retries} retries, above generate.max_failure_rate={params.max_failure_rate}:\n{examples}"
         )
     return GenerationResult(queries, failures_table, report, stats)
+
+
+def _run_batch(
+    llm: JsonLLM, batch: list[Request], params: GenerateParams, template: PromptTemplate, counts: Counter
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Generate one batch: (finished outputs by cache key, failures).
+
+    An exception from the LLM backend is retried up to `max_retries` times; if it persists, every row
+    of the batch is recorded as a failure (never cached, so the next run tries again) and the stage
+    goes on: one crashing batch must not cost the work of all the others.
+    """
+    from pipeline.llm import Decoding
+
+    error: Exception | None = None
+    for _ in range(params.max_retries + 1):
+        finished: dict[str, dict[str, Any]] = {}
+        failures: list[dict[str, Any]] = []
+        check = _checker(batch, params, template, finished, failures, counts)
+        decodings = [Decoding(r.seed, params.temperature) for r in batch]
+        try:
+            llm.generate_json([r.prompt for r in batch], GeneratedQuery, decodings, params.max_new_tokens, retry=check)
+            return finished, failures
+        except Exception as err:  # noqa: BLE001 - any backend error becomes a recorded failure
+            error = err
+    reason = f"llm error: {type(error).__name__}: {error}"
+    return {}, [_failure(r, params.max_retries + 1, reason, "") for r in batch]
 
 
 def _checker(
