@@ -27,7 +27,8 @@ def project(tmp_path):
         if (ROOT / name).exists():
             shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    (repo / "data").mkdir()
+    # the eval set of params.yaml must exist: every stage validates the whole file before working
+    shutil.copytree(ROOT / "data" / "sample", repo / "data" / "sample")
     lines = [f'{{"_id": "d{i}", "title": "Doc {i}", "text": "word{i} alpha beta gamma delta epsilon"}}' for i in range(5)]
     (repo / "data" / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace(
