@@ -26,6 +26,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _under_root(path: Path, info: ValidationInfo) -> Path | None:
+    """`path` resolved against the params file's folder; None when validating without a file."""
+    root = (info.context or {}).get("root")
+    if root is None:
+        return None
+    return path if path.is_absolute() else Path(root) / path
+
+
 class BaseParams(Section):
     seed: int = 42
     threads: int = Field(2, ge=1, le=512)
@@ -50,11 +58,9 @@ class CorpusParams(Section):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, value: Path, info: ValidationInfo) -> Path:
-        root = (info.context or {}).get("root")
-        if root is not None:
-            full = value if value.is_absolute() else Path(root) / value
-            if not full.exists():
-                raise ValueError(f"corpus file or folder not found: {full}")
+        full = _under_root(value, info)
+        if full is not None and not full.exists():
+            raise ValueError(f"corpus file or folder not found: {full}")
         return value
 
     @model_validator(mode="after")
@@ -221,11 +227,9 @@ class MixParams(Section):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, value: Path, info: ValidationInfo) -> Path:
-        root = (info.context or {}).get("root")
-        if root is not None:
-            full = value if value.is_absolute() else Path(root) / value
-            if not full.is_file():
-                raise ValueError(f"mix file not found: {full}")
+        full = _under_root(value, info)
+        if full is not None and not full.is_file():
+            raise ValueError(f"mix file not found: {full}")
         return value
 
 
