@@ -359,6 +359,15 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ParamsError(_describe(err, path, text)) from None
 
 
+def load_stage_params(stage: str, path: str | Path = PARAMS_FILE) -> Params:
+    """`load_params` for a stage script: a bad params file ends the process with one
+    `stage: message` line (file, line and key named) for DVC's log, instead of a traceback."""
+    try:
+        return load_params(path)
+    except ParamsError as err:
+        raise SystemExit(f"{stage}: {err}") from None
+
+
 def _describe(err: ValidationError, path: Path, text: str) -> str:
     lines = _key_lines(text)
     problems = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline.params import PARAMS_FILE, ParamsError, load_params
+from pipeline.params import load_stage_params
 from pipeline.warehouse import WarehouseError, write_stage, write_table
 
 STAGE = "llm_scores"
@@ -27,10 +27,7 @@ order by n.query_id, n.knn_rank, n.passage_id
 
 def main() -> None:
     started = time.perf_counter()
-    try:
-        params = load_params(PARAMS_FILE)
-    except ParamsError as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    params = load_stage_params(STAGE)
     from pipeline.cache import LLMCache
     from pipeline.llm import LLMError, load_llm  # torch: only once params are valid
     from pipeline.scoring import ScoringError, score_relevance

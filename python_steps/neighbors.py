@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from pipeline.embedding_cache import CacheStats, open_cache
 from pipeline.knn import MiningResult, mine_neighbors
-from pipeline.params import PARAMS_FILE, Params, ParamsError, load_params
+from pipeline.params import Params, load_stage_params
 from pipeline.warehouse import WarehouseError, write_stage, write_table
 
 STAGE = "neighbors"
@@ -23,10 +23,7 @@ UPSTREAM = ["passages", "queries"]
 
 def main() -> None:
     started = time.perf_counter()
-    try:
-        params = load_params(PARAMS_FILE)
-    except ParamsError as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    params = load_stage_params(STAGE)
     from pipeline.encoder import Encoder, EncoderError, TextFormat  # torch: only once params are valid
 
     enc = params.encoder

@@ -13,7 +13,7 @@ import time
 
 from pipeline.cache import LLMCache
 from pipeline.generate import GenerationError, GenerationResult, PromptTemplate, generate_queries
-from pipeline.params import PARAMS_FILE, ParamsError, load_params
+from pipeline.params import load_stage_params
 from pipeline.warehouse import write_stage, write_table
 
 STAGE = "queries"
@@ -21,10 +21,7 @@ STAGE = "queries"
 
 def main() -> None:
     started = time.perf_counter()
-    try:
-        params = load_params(PARAMS_FILE)
-    except ParamsError as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    params = load_stage_params(STAGE)
     from pipeline.llm import LLMError, load_llm
 
     try:

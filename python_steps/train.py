@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from pipeline.params import PARAMS_FILE, Params, ParamsError, load_params
+from pipeline.params import Params, load_stage_params
 from pipeline.warehouse import stage_path
 
 STAGE = "train"
@@ -19,10 +19,7 @@ LIVE_DIR = "dvclive"
 
 def main() -> None:
     started = time.perf_counter()
-    try:
-        params = load_params(PARAMS_FILE)
-    except ParamsError as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    params = load_stage_params(STAGE)
     # torch, transformers and dvclive only once the params are valid
     from pipeline.encoder import Encoder, EncoderError, TextFormat
     from pipeline.training import mix_in, read_pairs, read_triples, train, training_config, write_model
