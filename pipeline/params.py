@@ -115,13 +115,48 @@ class EncoderParams(Section):
         return value
 
 
+class IVFParams(Section):
+    """FAISS IndexIVFFlat: k-means cells over the passages; a query scans only `nprobe` of them."""
+
+    # null: 4 x sqrt(passages), the low end of FAISS's guideline, capped at train_size / 39 (the
+    # fewest points per centroid FAISS trains without warning). Set: used as given.
+    nlist: int | None = Field(None, ge=1)
+    nprobe: int = Field(32, ge=1)  # cells scanned per query: the recall / speed knob
+    # Passages (a seeded sample, embedded first through the cache) the k-means runs on.
+    train_size: int = Field(100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _nprobe_within_nlist(self) -> "IVFParams":
+        if self.nlist is not None and self.nprobe > self.nlist:
+            raise ValueError(f"nprobe ({self.nprobe}) must not exceed nlist ({self.nlist})")
+        if self.nlist is not None and self.nlist > self.train_size:
+            raise ValueError(f"nlist ({self.nlist}) must not exceed train_size ({self.train_size})")
+        return self
+
+
+class HNSWParams(Section):
+    """FAISS IndexHNSWFlat: a navigable small-world graph (no training, more memory per vector)."""
+
+    m: int = Field(32, ge=2, le=256)  # FAISS's M: links per vector; more = better recall, more memory
+    ef_construction: int = Field(200, ge=1)  # candidate list while building (FAISS's efConstruction)
+    ef_search: int = Field(128, ge=1)  # candidate list per query (FAISS's efSearch); raised to N if lower
+
+
 class NeighborsParams(Section):
-    """Exact top-N mining of candidate passages for each generated query."""
+    """Top-N mining of candidate passages for each generated query: exact, or through a FAISS index."""
 
     top_n: int = Field(20, ge=2)  # Gecko's ablations use N = 20
+    # exact: blocked matrix products (fret's own, every pair scored). faiss_flat: FAISS's exhaustive
+    # IndexFlatIP (same results, see pipeline/faiss_knn.py). faiss_ivf / faiss_hnsw: approximate.
+    method: Literal["exact", "faiss_flat", "faiss_ivf", "faiss_hnsw"] = "exact"
     # Peak search memory ~ query_block_size x block_size x 20 bytes (score, sort key, index): 80 MiB.
     block_size: int = Field(4096, ge=1)
     query_block_size: int = Field(1024, ge=1)
+    # Passages embedded, searched and written per step: their vectors are never all in memory at once
+    # (exact keeps only each query's best N; FAISS keeps its index). 65,536 x 384 floats = 96 MiB.
+    chunk_size: int = Field(65_536, ge=1)
+    ivf: IVFParams = IVFParams()
+    hnsw: HNSWParams = HNSWParams()
 
 
 class SelectParams(Section):

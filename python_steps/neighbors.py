@@ -2,7 +2,8 @@
 
 Tables in `warehouse/neighbors.duckdb`: `neighbors` (query_id, passage_id, knn_rank, knn_score),
 `seed_ranks` (query_id, seed_passage_id, seed_rank, seed_score), `passage_embeddings` and
-`query_embeddings` (id, embedding FLOAT[d]). Embeddings go through the cache in `encoder.cache_path`.
+`query_embeddings` (id, embedding FLOAT[d]). Embeddings go through the cache in `encoder.cache_path`;
+passages are embedded, searched (`neighbors.method`) and written `neighbors.chunk_size` at a time.
 Run from the repository root: `python -m python_steps.neighbors`.
 """
 
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import time
 
+import duckdb
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.embedding_cache import CacheStats, open_cache
-from pipeline.knn import MiningResult, mine_neighbors
+from pipeline.knn import IndexParamsError, MiningResult, embedding_table, mine_neighbors
 from pipeline.params import Params, load_stage_params
 from pipeline.warehouse import WarehouseError, write_stage, write_table
 
@@ -46,25 +50,53 @@ def main() -> None:
             queries = con.sql(
                 "SELECT query_id, passage_id, task, query FROM queries ORDER BY query_id"
             ).to_arrow_table()
+            sink = ChunkWriter(con, "passage_embeddings")
             result = mine_neighbors(
                 passages,
                 queries,
                 encoder,
                 TextFormat.from_params(enc),
                 cache,
-                top_n=params.neighbors.top_n,
+                params.neighbors,
                 batch_size=enc.batch_size,
-                block_size=params.neighbors.block_size,
-                query_block_size=params.neighbors.query_block_size,
+                threads=params.base.threads,
+                seed=params.base.seed,
+                passage_sink=sink,
                 progress=True,
             )
             rows = {name: write_table(con, name, table) for name, table in result.tables.items()}
-    except WarehouseError as err:
+            rows["passage_embeddings"] = sink.finish(encoder.dim)
+    except (WarehouseError, IndexParamsError) as err:  # IndexParamsError: FAISS knobs that do not fit the corpus
         raise SystemExit(f"{STAGE}: {err}") from None
     finally:
         if cache is not None:
             cache.close()
     print(summary(result, rows, params, encoder, load_seconds, time.perf_counter() - started))
+
+
+class ChunkWriter:
+    """Writes each chunk of passage embeddings as it comes, so the stage never holds them all."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, name: str) -> None:
+        self.con, self.name, self.rows = con, name, 0
+
+    def __call__(self, chunk: pa.Table) -> None:
+        if self.rows == 0:
+            self.rows = write_table(self.con, self.name, chunk)
+            return
+        self.con.register("_fret_chunk", chunk)
+        try:
+            self.con.execute(f'INSERT INTO "{self.name}" SELECT * FROM _fret_chunk')
+        finally:
+            self.con.unregister("_fret_chunk")
+        self.rows += chunk.num_rows
+
+    def finish(self, dim: int) -> int:
+        """The rows written; an empty corpus still gets its (empty, typed) table."""
+        if self.rows == 0:
+            empty = embedding_table("passage_id", pa.array([], pa.string()), np.empty((0, dim), np.float32))
+            write_table(self.con, self.name, empty)
+        return self.rows
 
 
 def _embed_line(what: str, stats: CacheStats, seconds: float) -> str:
@@ -73,6 +105,18 @@ def _embed_line(what: str, stats: CacheStats, seconds: float) -> str:
         f"  embed {what}: {stats.texts:,} texts ({stats.unique:,} distinct), {stats.hits:,} cached, "
         f"{stats.embedded:,} embedded in {seconds:.2f} s: {rate}"
     )
+
+
+def _method_line(params: Params) -> str:
+    nb = params.neighbors
+    if nb.method == "exact":
+        return f"exact, blocks of {nb.query_block_size} queries x {nb.block_size} passages"
+    if nb.method == "faiss_ivf":
+        nlist = "4 sqrt(passages)" if nb.ivf.nlist is None else nb.ivf.nlist
+        return f"faiss_ivf, nlist {nlist}, nprobe {nb.ivf.nprobe}, trained on up to {nb.ivf.train_size:,}"
+    if nb.method == "faiss_hnsw":
+        return f"faiss_hnsw, M {nb.hnsw.m}, efConstruction {nb.hnsw.ef_construction}, efSearch {nb.hnsw.ef_search}"
+    return "faiss_flat, exhaustive"
 
 
 def summary(result: MiningResult, rows: dict[str, int], params: Params, encoder, load_s: float, total_s: float) -> str:
@@ -91,8 +135,8 @@ def summary(result: MiningResult, rows: dict[str, int], params: Params, encoder,
             f" loaded in {load_s:.2f} s",
             _embed_line("passages", result.passage_stats, s["embed_passages"]),
             _embed_line("queries", result.query_stats, s["embed_queries"]),
-            f"  search {s['search']:.2f} s (exact, blocks of {params.neighbors.query_block_size} queries x "
-            f"{params.neighbors.block_size} passages)",
+            f"  search {s['search']:.2f} s ({_method_line(params)}; passages in chunks of "
+            f"{params.neighbors.chunk_size:,})",
             f"  seed passage at rank 1 for {at_1 / n:.1%} of queries, in the top {top_n} for {found / n:.1%} "
             f"(table seed_ranks)",
         ]

@@ -132,3 +132,96 @@ def test_embedding_table_is_a_fixed_size_list():
     assert con.execute("SELECT typeof(embedding) FROM t LIMIT 1").fetchone()[0] == "FLOAT[3]"
     sim = con.execute("SELECT array_cosine_similarity(embedding, [1, 0, 0]::FLOAT[3]) FROM t ORDER BY passage_id")
     assert [r[0] for r in sim.fetchall()] == [1.0, 0.0]
+
+
+# --- streaming: mine_neighbors embeds and searches the passages chunk by chunk ----------------------
+
+
+class HashEncoder:
+    """A fake encoder: small-integer vectors from each text's sha256 (exact dot products, many ties),
+    the same whatever the batch; it records the most passages it was handed at once."""
+
+    dim = 16
+    fingerprint = "hash-encoder"
+
+    def __init__(self) -> None:
+        self.largest_call = 0
+
+    def encode(self, texts, batch_size=64, *, on_batch=None) -> np.ndarray:
+        import hashlib
+
+        if texts and texts[0].startswith("title:"):
+            self.largest_call = max(self.largest_call, len(texts))
+        digests = b"".join(hashlib.sha256(t.encode()).digest()[: self.dim] for t in texts)
+        values = np.frombuffer(digests, dtype=np.uint8).reshape(len(texts), self.dim)
+        return (values % 5).astype(np.float32) - 2.0
+
+
+def corpus_tables(n_passages: int, n_queries: int) -> tuple[pa.Table, pa.Table]:
+    """Passages (some with equal texts, so equal vectors) and queries seeded on every 7th of them."""
+    passages = pa.table(
+        {
+            "passage_id": [f"p{i:06d}" for i in range(n_passages)],
+            "title": [None] * n_passages,
+            "text": [f"passage {i % (n_passages - 3)}" for i in range(n_passages)],  # the last 3 repeat the first 3
+        }
+    )
+    queries = pa.table(
+        {
+            "query_id": [f"q{i:04d}" for i in range(n_queries)],
+            "passage_id": [f"p{7 * i % n_passages:06d}" for i in range(n_queries - 1)] + ["not-a-passage"],
+            "task": ["find it"] * n_queries,
+            "query": [f"query {i}" for i in range(n_queries)],
+        }
+    )
+    return passages, queries
+
+
+def mine(passages: pa.Table, queries: pa.Table, encoder, sink=None, **params):
+    from pipeline.encoder import TextFormat
+    from pipeline.knn import mine_neighbors
+    from pipeline.params import NeighborsParams
+
+    return mine_neighbors(
+        passages, queries, encoder, TextFormat(), None, NeighborsParams(**params), passage_sink=sink, threads=1
+    )
+
+
+def test_streamed_chunks_give_the_same_tables_as_one_chunk():
+    passages, queries = corpus_tables(500, 40)
+    whole = mine(passages, queries, HashEncoder(), chunk_size=10_000, top_n=10)
+    encoder, chunks = HashEncoder(), []
+    streamed = mine(passages, queries, encoder, sink=chunks.append, chunk_size=37, top_n=10, block_size=5)
+    assert encoder.largest_call == 37  # never more passages at once than a chunk
+    assert "passage_embeddings" not in streamed.tables  # the sink took them
+    assert [c.num_rows for c in chunks] == [37] * 13 + [19]
+    assert pa.concat_tables(chunks).equals(whole.tables["passage_embeddings"])
+    for name in ("neighbors", "seed_ranks", "query_embeddings"):
+        assert streamed.tables[name].equals(whole.tables[name]), name
+    # And both are the full-matrix reference, ties included (equal texts give equal vectors).
+    vectors = HashEncoder().encode([f"title: none | text: {t}" for t in passages["text"].to_pylist()])
+    query_vectors = HashEncoder().encode([f"task: find it | query: {q}" for q in queries["query"].to_pylist()])
+    expected, _ = reference_top_n(query_vectors, vectors, 10)
+    got = np.array(streamed.tables["neighbors"]["passage_id"].to_pylist()).reshape(40, 10)
+    np.testing.assert_array_equal(got, np.array(passages["passage_id"].to_pylist())[expected])
+    seeds = streamed.tables["seed_ranks"].to_pylist()
+    assert seeds[-1]["seed_score"] is None and seeds[0]["seed_score"] == float(query_vectors[0] @ vectors[0])
+    assert streamed.passage_stats.texts == 500 and streamed.passage_stats.embedded == 500
+
+
+def test_streaming_bounds_the_memory_of_passage_vectors():
+    passages, queries = corpus_tables(40_000, 50)
+
+    def peak_bytes(chunk_size: int) -> int:
+        tracemalloc.start()
+        try:
+            mine(passages, queries, HashEncoder(), sink=lambda table: None, chunk_size=chunk_size)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    all_vectors = 40_000 * HashEncoder.dim * 4  # 2.6 MB of float32, before texts and hashes
+    one_chunk, streamed = peak_bytes(40_000), peak_bytes(500)
+    assert one_chunk > all_vectors  # embedding everything at once holds every vector (and more)
+    assert streamed < one_chunk / 10
+    assert streamed < all_vectors / 2
