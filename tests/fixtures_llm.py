@@ -71,4 +71,4 @@ def tiny_llm(tiny_llm_dir: Path):
     from pipeline.llm import load_llm
     from pipeline.params import BaseParams, LLMParams
 
-    return load_llm(LLMParams(model=str(tiny_llm_dir)), BaseParams(threads=1, device="cpu"))
+    return load_llm(LLMParams(model=str(tiny_llm_dir), dtype="float32"), BaseParams(threads=1, device="cpu"))

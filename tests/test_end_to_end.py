@@ -52,7 +52,7 @@ def write_params(repo: Path, llm_dir: Path, bert_dir: Path) -> None:
     overrides = {
         "base": {"seed": 7, "threads": 1, "device": "cpu"},
         "corpus": {"min_words": 3},
-        "llm": {"model": str(llm_dir)},
+        "llm": {"model": str(llm_dir), "dtype": "float32"},
         "generate": {"limit": None, "max_new_tokens": 400, "batch_size": 4, "max_passage_words": 20,
                      "max_failure_rate": 0.5},
         "encoder": {"model": str(bert_dir), "batch_size": 8},

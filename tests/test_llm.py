@@ -8,7 +8,7 @@ import pytest
 from fixtures_llm import tiny_llm, tiny_llm_dir  # noqa: F401  (pytest fixtures)
 
 from pipeline.generate import GeneratedQuery, PromptTemplate
-from pipeline.llm import Decoding, LLMError, load_llm, resolve_model
+from pipeline.llm import Decoding, LLMError, load_llm, resolve_dtype, resolve_model
 from pipeline.params import BaseParams, LLMParams
 
 MAX_NEW = 400  # the random model fills strings to their length limit: ~300 tokens at most
@@ -31,6 +31,23 @@ def test_identity_names_model_weights_and_dtype(tiny_llm, tiny_llm_dir, tmp_path
     shutil.copytree(tiny_llm_dir, changed)
     (changed / "config.json").write_text((changed / "config.json").read_text() + "\n")
     assert resolve_model(LLMParams(model=str(changed))).sha256[:16] != sha
+
+
+def test_auto_dtype_follows_native_bf16_support(monkeypatch):
+    import torch
+
+    assert resolve_dtype("float32", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert resolve_dtype("auto", "cpu") == expected
+
+
+def test_auto_dtype_resolves_into_the_identity(tiny_llm_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    llm = load_llm(LLMParams(model=str(tiny_llm_dir), dtype="auto"), BaseParams(threads=1, device="cpu"))
+    assert llm.identity.endswith(":bfloat16") and llm.model.dtype == torch.bfloat16
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
@@ -143,7 +160,7 @@ def test_smollm2_from_the_wheel_generates_valid_rows(tmp_path):
     from pipeline.generate import generate_queries
     from pipeline.params import GenerateParams
 
-    llm = load_llm(LLMParams(), BaseParams(threads=1))
+    llm = load_llm(LLMParams(dtype="float32"), BaseParams(threads=1))
     assert llm.identity.startswith("SmolLM2-135M-Instruct.Q4_1@")
     passages = pa.table(
         {

@@ -14,7 +14,7 @@ def test_stage_writes_tables_and_reuses_the_cache(tiny_llm_dir, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(
         f"base: {{seed: 3, threads: 1, device: cpu}}\n"
-        f"llm: {{model: '{tiny_llm_dir}', cache_path: cache/llm.duckdb}}\n"
+        f"llm: {{model: '{tiny_llm_dir}', dtype: float32, cache_path: cache/llm.duckdb}}\n"
         "generate: {max_new_tokens: 400, batch_size: 4, max_passage_words: 20, limit: 5}\n"
     )
     ids = [f"d{i}#0" for i in range(7)]

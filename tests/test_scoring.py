@@ -80,7 +80,7 @@ def tiny_llm_dir(request, tmp_path_factory) -> Path:
 def tiny_llm(tiny_llm_dir):
     from pipeline.llm import load_llm
 
-    return load_llm(LLMParams(model=str(tiny_llm_dir), cache_path=None), BaseParams(threads=1, device="cpu"))
+    return load_llm(LLMParams(model=str(tiny_llm_dir), dtype="float32", cache_path=None), BaseParams(threads=1, device="cpu"))
 
 
 @pytest.fixture(scope="session")
@@ -253,7 +253,7 @@ def make_project(root: Path, model_dir: Path) -> None:
         textwrap.dedent(
             f"""\
             base: {{threads: 1, device: cpu}}
-            llm: {{model: {model_dir}, cache_path: cache/llm.duckdb}}
+            llm: {{model: {model_dir}, dtype: float32, cache_path: cache/llm.duckdb}}
             score: {{batch_size: 4, max_passage_tokens: 40}}
             """
         )
@@ -319,7 +319,7 @@ def test_smollm2_scores_equal_the_plain_computation(template, tmp_path):
     """Real SmolLM2-135M: 2 queries x 3 passages, scorer vs the plain reference."""
     from pipeline.llm import load_llm
 
-    llm = load_llm(LLMParams(model_cache_dir=ROOT / ".fret/cache/models"), BaseParams(threads=1, device="cpu"))
+    llm = load_llm(LLMParams(model_cache_dir=ROOT / ".fret/cache/models", dtype="float32"), BaseParams(threads=1, device="cpu"))
     pairs = [(q, p, k) for q in ("q1", "q3") for k, p in enumerate(("p1", "p3", "p4"), 1)]
     table = pa.Table.from_pylist(
         [{"query_id": q, "passage_id": p, "knn_rank": k, "task": TASK, "query": QUERIES[q],

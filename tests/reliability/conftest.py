@@ -77,7 +77,7 @@ def params_yaml(llm_dir: Path, bert_dir: Path, seed: int = 42, **sections: str) 
     """A params.yaml for the tiny models; `sections` replace whole sections (as YAML flow mappings)."""
     base = {
         "base": f"{{seed: {seed}, threads: 1, device: cpu}}",
-        "llm": f"{{model: '{llm_dir}', cache_path: cache/llm.duckdb}}",
+        "llm": f"{{model: '{llm_dir}', dtype: float32, cache_path: cache/llm.duckdb}}",
         # Long outputs on purpose: a random model writes to the schema's length limits, so each
         # batch takes long enough for a kill to land inside generation.
         "generate": "{limit: 6, max_new_tokens: 200, batch_size: 2, max_passage_words: 30, max_retries: 1, "
