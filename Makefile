@@ -23,8 +23,31 @@ run: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/dvc repro
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+# llama-cpp-python serves the GGUF for tests/test_llama_server.py (the openai backend against a
+# real server). PyPI has only its sdist: it is built once (~17 min on 2 cores) into a wheel kept in
+# $(WHEELS), and installed from there afterwards. CPU only, tuned to this machine
+# (GGML_NATIVE, the default); no llava/mtmd, tools, examples or tests: the Python package loads
+# only libllama and libggml*.
+LLAMA_CPP_VERSION := 0.3.36
+# Outside the clone, so a fresh clone on the same machine reuses it; keyed by the CPU's flags because
+# the native build may use instructions another CPU lacks.
+WHEELS ?= $(HOME)/.cache/fret/wheels/$(shell uname -m)-$(shell grep -m1 '^flags' /proc/cpuinfo | md5sum | cut -c1-8)
+LLAMA_STAMP := $(VENV)/.llama-cpp-installed
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
 
-test-all: $(STAMP)
+$(LLAMA_STAMP): $(STAMP)
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELS) 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
+	# --only-binary: the cached wheel, never a second build from the sdist; the server extras come from PyPI.
+	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python \
+		'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)'
+	touch $(LLAMA_STAMP)
+
+test: $(STAMP) $(LLAMA_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow tests/test_llama_server.py
+
+test-all: $(STAMP) $(LLAMA_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ''

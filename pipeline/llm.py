@@ -174,7 +174,14 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def load_llm(params: LLMParams, base: BaseParams) -> "LLM":
-    """Load the LLM named by `params` on the device and thread count of `params`/`base`."""
+    """Load the LLM named by `params` on the device and thread count of `params`/`base`.
+
+    With `llm.backend: openai` the model runs on a server: an `OpenAILLM` (pipeline/llm_openai.py)
+    with the same generation interface is returned instead."""
+    if params.backend == "openai":
+        from pipeline.llm_openai import load_server_llm
+
+        return load_server_llm(params)  # type: ignore[return-value]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

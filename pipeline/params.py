@@ -308,6 +308,34 @@ class LLMParams(Section):
     # Every LLM call keyed by model, prompt, schema and decoding, outside the DVC outs; null disables.
     cache_path: Path | None = Path(".fret/cache/llm.duckdb")
     model_cache_dir: Path = Path(".fret/cache/models")  # converted GGUF models, by file hash
+    # backend openai only. Each URL ends where the OpenAI paths start (`http://host:8000/v1`); requests
+    # go to the least busy one, so replicas of one model add up.
+    base_urls: list[str] = Field([], validate_default=True)
+    api_model: str | None = None  # the `model` sent; null: the first id the server lists at /models
+    # null: the environment variable OPENAI_API_KEY, if set (params.yaml is committed: keep keys out of it)
+    api_key: str | None = None
+    concurrency: int = Field(8, ge=1, le=1024)  # requests in flight, over all URLs together
+    timeout_s: float = Field(120.0, gt=0)  # per request attempt (connect, send, or wait for an answer)
+    max_retries: int = Field(3, ge=0, le=20)  # after a timeout, a refused connection, HTTP 429 or 5xx
+    retry_backoff_s: float = Field(1.0, ge=0)  # wait before retry k: retry_backoff_s * 2**(k-1)
+    # How the JSON schema of generated queries reaches the server: response_format (OpenAI's json_schema;
+    # vLLM, SGLang), structured_outputs (vLLM >= 0.12), grammar (a GBNF, llama-cpp-python's server), or
+    # none (unconstrained; outputs are validated either way).
+    json_output: Literal["response_format", "structured_outputs", "grammar", "none"] = "response_format"
+    # RC reads the top-k next-token log-probs (servers cap k: vLLM's default max_logprobs is 20).
+    top_logprobs: int = Field(20, ge=2, le=100)
+
+    @field_validator("base_urls")
+    @classmethod
+    def _urls_for_server(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("backend") == "openai" and not value:
+            raise ValueError("required when backend is openai, e.g. [http://127.0.0.1:8000/v1]")
+        bad = [u for u in value if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"not http(s) URLs: {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"URLs must be unique: {value}")
+        return value
 
 
 class GenerateParams(Section):
