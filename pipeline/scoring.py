@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,17 +226,30 @@ class PrefixScorer:
                 rows.append(_Row(r, list(ids), len(ids) - 1))
         return rows
 
-    def score_group(self, rows: Sequence[_Row], batch_size: int) -> Iterator[dict[str, dict[str, float]]]:
+    def score_group(
+        self, rows: Sequence[_Row], batch_size: int, skip: Container[str] = ()
+    ) -> Iterator[dict[str, dict[str, float]]]:
         """Score rows that share a passage; yields {cache key: value} per forward batch.
 
         The rows' common token prefix (stopping before the first position any row reads logits
-        from) runs once; each batch runs only the rows' tails on a copy of its KV cache.
+        from) runs once; each batch runs only the rows' tails on a copy of its KV cache. A batch
+        whose keys are all in `skip` is not run; in a batch that is run, only keys not in `skip`
+        are yielded (what is already stored stays as stored).
         """
+        # One method per batch (an edited QL or RC prompt then leaves the other method's batches
+        # cached whole), similar lengths together (less padding).
+        batches = []
+        for method in sorted({r.request.method for r in rows}):
+            ordered = sorted((r for r in rows if r.request.method == method), key=lambda r: (len(r.ids), r.request.key))
+            batches += [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+        batches = [b for b in batches if any(r.request.key not in skip for r in b)]
+        if not batches:
+            return
         prefix = _common_prefix([r.ids for r in rows])[: min(r.first_logit for r in rows)]
         base_cache = self._run_prefix(prefix) if prefix else None
-        ordered = sorted(rows, key=lambda r: (len(r.ids), r.request.key))  # similar lengths together: less padding
-        for start in range(0, len(ordered), batch_size):
-            yield self._score_batch(ordered[start : start + batch_size], len(prefix), base_cache)
+        for batch in batches:
+            values = self._score_batch(batch, len(prefix), base_cache)
+            yield {k: v for k, v in values.items() if k not in skip}
 
     def _run_prefix(self, prefix: list[int]) -> Any:
         import torch
@@ -355,16 +368,23 @@ def score_relevance(
     started = time.perf_counter()
     requests = build_requests(pairs, llm, params, template)
     done = {k: e.value for k, e in cache.get_many(r.key for r in requests).items()}
-    todo = list({r.key: r for r in requests if r.key not in done}.values())  # a prompt twice: scored once
+    unique = list({r.key: r for r in requests}.values())  # a prompt twice: scored once
+    todo = [r for r in unique if r.key not in done]
+    # Whole groups (cached prompts included) are tokenized and cut into batches, exactly as in an
+    # uninterrupted run; batches already cached are skipped. A resumed run thus computes each missing
+    # prompt in the same batch, beside the same prompts, as a run that never stopped, and so gets the
+    # same floats (padding and prefix length change the rounding).
+    missing = {r.passage_id for r in todo}
     groups: dict[str, list[ScoreRequest]] = {}
-    for r in todo:
-        groups.setdefault(r.passage_id, []).append(r)
+    for r in unique:
+        if r.passage_id in missing:
+            groups.setdefault(r.passage_id, []).append(r)
     bar = _progress_bar(len(todo), progress)
     rows_before, tokens_before, prompt_tokens_before = scorer.forward_rows, scorer.forward_tokens, scorer.prompt_tokens
     score_started = time.perf_counter()
     batches = 0
     for pid in sorted(groups):
-        for values in scorer.score_group(scorer.tokenize(groups[pid]), params.batch_size):
+        for values in scorer.score_group(scorer.tokenize(groups[pid]), params.batch_size, skip=done.keys()):
             done.update({k: e.value for k, e in cache.put_many(NAMESPACE, values).items()})  # a crash loses one batch
             batches += 1
             if on_batch is not None:

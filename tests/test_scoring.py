@@ -209,13 +209,13 @@ def test_resume_after_crash_redoes_no_finished_prompt(tiny_llm, template, tmp_pa
     path = tmp_path / "llm.duckdb"
     first = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
 
-    def crash_after_two(batches: int) -> None:
-        if batches == 2:
+    def crash_after_one(batches: int) -> None:
+        if batches == 1:  # passage p1 has 6 prompts = 2 batches: the crash falls inside its group
             raise Crash
 
     with LLMCache(path) as cache, pytest.raises(Crash):
         score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False,
-                        on_batch=crash_after_two, scorer=first)  # fmt: skip
+                        on_batch=crash_after_one, scorer=first)  # fmt: skip
     assert 0 < first.forward_rows < 2 * len(PAIRS)
 
     second = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
@@ -228,10 +228,8 @@ def test_resume_after_crash_redoes_no_finished_prompt(tiny_llm, template, tmp_pa
     with LLMCache(path) as cache:
         again = score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False, scorer=third)
     assert third.forward_rows == 0 and again.stats["cached"] == 2 * len(PAIRS)
-    for a, b in zip(expected.to_pylist(), again.scores.to_pylist()):
-        assert a["ql_sum"] == pytest.approx(b["ql_sum"], abs=1e-6)
-        assert a["rc_logodds"] == pytest.approx(b["rc_logodds"], abs=1e-6)
-        assert (a["ql_rank"], a["rc_rank"]) == (b["ql_rank"], b["rc_rank"])
+    # Bit for bit: the resumed prompts ran in the same batches, after the same prefix, as without the crash.
+    assert again.scores.to_pylist() == expected.to_pylist()
 
 
 def test_editing_the_rc_prompt_keeps_ql_cached(tiny_llm, template, tmp_path):
