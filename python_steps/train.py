@@ -3,15 +3,25 @@
 Reads `warehouse/triples.duckdb` (read-only), writes the sentence-transformers folder
 `train.output` (with `fret_training.json` and a model card) and dvclive's metrics and plots under
 `dvclive/`. Run from the repository root: `python -m python_steps.train`.
+
+Data-parallel on several GPUs: `train.nproc_per_node: K` makes this script relaunch itself as
+`torchrun --standalone --nproc_per_node=K -m python_steps.train`, which can also be run directly
+(torchrun's own flags then win). Only rank 0 logs, prints and writes the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
+from typing import TYPE_CHECKING
 
 from pipeline.params import Params, load_stage_params
 from pipeline.warehouse import stage_path
+
+if TYPE_CHECKING:
+    from pipeline.training import World
 
 STAGE = "train"
 LIVE_DIR = "dvclive"
@@ -20,11 +30,35 @@ LIVE_DIR = "dvclive"
 def main() -> None:
     started = time.perf_counter()
     params = load_stage_params(STAGE)
+    if params.train.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(relaunch(params.train.nproc_per_node))
     # torch, transformers and dvclive only once the params are valid
-    from pipeline.encoder import Encoder, EncoderError, TextFormat
-    from pipeline.training import mix_in, read_pairs, read_triples, train, training_config, write_model
+    from pipeline.training import distributed
+
+    with contextlib.ExitStack() as stack:
+        try:
+            world = stack.enter_context(distributed(params.base.device))
+        except ValueError as err:
+            raise SystemExit(f"{STAGE}: {err}") from None
+        run(params, world, started)
+
+
+def relaunch(nproc: int) -> int:
+    """Run this stage again under torchrun with `nproc` local processes; returns its exit status."""
+    import subprocess
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*launcher, "-m", "python_steps.train"], check=False).returncode
+
+
+def run(params: Params, world: World, started: float) -> None:
+    """Read the data, train, and (rank 0) log, save and print the summary."""
+    from pipeline.encoder import Encoder, EncoderError, TextFormat, pick_device
+    from pipeline.training import mix_in, read_pairs, read_triples, train, training_config, training_dtype, write_model
 
     enc, tp = params.encoder, params.train
+    lead = world.rank == 0
     triples = stage_path("triples")
     if not triples.is_file():
         raise SystemExit(f"{STAGE}: {triples}: upstream stage 'triples' has not been built (run `dvc repro triples`)")
@@ -36,22 +70,27 @@ def main() -> None:
             mixed = mix_in(examples, pairs, tp.mix.fraction, params.base.seed)
             counts = dataclasses.replace(counts, mix_examples=len(mixed) - len(examples))
             examples = mixed
+        dtype = training_dtype(tp.dtype, pick_device(params.base.device))
         encoder = Encoder.load(
-            enc.model, device=params.base.device, dtype=enc.dtype, max_length=enc.max_length, threads=params.base.threads
+            enc.model, device=params.base.device, dtype=dtype, max_length=enc.max_length, threads=params.base.threads
         )
     except (ValueError, EncoderError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
-    base_model = encoder.identity
-    live = open_live(params, counts)
+    base_model = encoder.identity if lead else ""
+    live = open_live(params, counts) if lead else None
     try:
-        result = train(encoder, examples, tp, seed=params.base.seed, live=live, progress=True)
-        # Summary values only (plot=False): one number per run for `dvc exp show`, no curve.
-        live.log_metric("train/examples_per_s", result.examples_per_s, plot=False)
-        live.log_metric("train/final_loss", result.final_loss, plot=False)
+        result = train(encoder, examples, tp, seed=params.base.seed, live=live, progress=lead)
+        if live is not None:
+            # Summary values only (plot=False): one number per run for `dvc exp show`, no curve.
+            live.log_metric("train/examples_per_s", result.examples_per_s, plot=False)
+            live.log_metric("train/final_loss", result.final_loss, plot=False)
     except ValueError as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     finally:
-        live.end()
+        if live is not None:
+            live.end()
+    if not lead:
+        return
     config = training_config(
         base_model=base_model, encoder=encoder, params=tp, encoder_params=enc,
         base_params=params.base, counts=counts, result=result,
@@ -97,7 +136,8 @@ def summary(config: dict, encoder, path: str, total_s: float) -> str:
             f"  data: {data['triples']:,} triples over {data['queries']:,} queries "
             f"({data['with_negative']:,} with a hard negative, {data['without_negative']:,} without){mix}",
             f"  loss: {res['first_loss']:.4f} at step 1 -> {res['final_loss']:.4f} (mean of the last 10 steps)",
-            f"  model: {config['base_model']} -> {encoder.identity} on {encoder.device.type}, {encoder.dtype}",
+            f"  model: {config['base_model']} -> {encoder.identity} "
+            f"on {res['world_size']} x {encoder.device.type}, {encoder.dtype}",
             f"  saved: {path} (sentence-transformers folder, fret_training.json, README.md); "
             f"metrics and plots: {LIVE_DIR}/",
         ]

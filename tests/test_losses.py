@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fixtures_encoder import tiny_bert_dir  # noqa: F401  (session fixture)
+from fixtures_encoder import tiny_bert_dir, tiny_encoder  # noqa: F401  (session fixtures)
 from pipeline.losses import Example, GeckoLoss, candidate_mask, mrl_dims
 
 
@@ -176,3 +176,13 @@ def test_forward_embeds_and_places_missing_negatives(tiny_bert_dir):  # noqa: F8
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     loss.backward()  # gradients reach the weights
     assert encoder.module.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_embed_matches_forward_and_empty_batch_gives_empty_rows(tiny_encoder):  # noqa: F811
+    loss_fn = GeckoLoss(0.05)
+    with torch.no_grad():
+        q, p, n = loss_fn.embed(tiny_encoder, TRICKY)
+        assert torch.equal(n[1], torch.zeros_like(n[1]))  # row 1 has no negative
+        from_parts = loss_fn.compute_loss_from_embeddings(q, p, n, candidate_mask(TRICKY))
+        assert torch.equal(from_parts, loss_fn(tiny_encoder, TRICKY))
+        assert all(t.shape == (0, tiny_encoder.dim) for t in loss_fn.embed(tiny_encoder, []))

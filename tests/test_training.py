@@ -13,6 +13,7 @@ from fixtures_encoder import tiny_bert_dir  # noqa: F401  (session fixture)
 from pipeline.encoder import Encoder, TextFormat
 from pipeline.params import ParamsError, TrainParams, load_params
 from pipeline.training import (
+    World,
     batches,
     get_lr,
     mix_in,
@@ -140,6 +141,33 @@ def test_plan_steps_and_batches():
     assert planned_examples(10, 4, 6) == 20 and planned_examples(9, 4, 3) == 12
 
 
+def test_group_by_length_batches_are_seeded_shuffled_and_pad_less():
+    lengths = [(i * 37) % 50 + 1 for i in range(100)]
+    grouped = list(batches(100, 4, 50, torch.Generator().manual_seed(3), lengths))  # two epochs
+    assert grouped == list(batches(100, 4, 50, torch.Generator().manual_seed(3), lengths))
+    epochs = grouped[:25], grouped[25:]
+    assert all(sorted(sum(epoch, [])) == list(range(100)) for epoch in epochs)
+    # Which examples meet as in-batch negatives still changes between epochs.
+    assert {frozenset(b) for b in epochs[0]} != {frozenset(b) for b in epochs[1]}
+
+    def padded_tokens(chunks: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) for b in chunks)
+
+    plain = list(batches(100, 4, 50, torch.Generator().manual_seed(3)))
+    assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
+    # The short last batch stays last and the single leftover is still dropped, as without grouping.
+    short = list(batches(10, 4, 6, torch.Generator().manual_seed(0), [1, 9, 2, 8, 3, 7, 4, 6, 5, 5]))
+    assert [len(b) for b in short] == [4, 4, 2, 4, 4, 2]
+    assert [len(b) for b in batches(9, 4, 2, torch.Generator().manual_seed(0), [1] * 9)] == [4, 4]
+
+
+def test_world_shares_split_global_batches_in_rank_order():
+    assert World(0, 3).shares(8) == [3, 3, 2] and World(0, 3).shares(2) == [1, 1, 0]
+    rows = list(range(8))
+    assert sum((rows[World(r, 3).own(8)] for r in range(3)), []) == rows
+    assert World().own(5) == slice(0, 5)
+
+
 # --- training -------------------------------------------------------------------------------------
 
 
@@ -169,6 +197,17 @@ def test_same_seed_same_weights_other_seed_differs(tiny_bert_dir, examples):  # 
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_bfloat16_autocast_training_repeats_and_keeps_float32_weights(tiny_bert_dir, examples):  # noqa: F811
+    states = {}
+    for run, dtype in (("bf16", "bfloat16"), ("bf16 again", "bfloat16"), ("fp32", "float32")):
+        encoder = Encoder.load(tiny_bert_dir, device="cpu", dtype=dtype)
+        train(encoder, examples, small_params(), seed=3)
+        states[run] = encoder.module.state_dict()
+    assert all(torch.equal(states["bf16"][k], states["bf16 again"][k]) for k in states["bf16"])
+    assert all(v.dtype == torch.float32 for v in states["bf16"].values() if v.is_floating_point())
+    assert not all(torch.equal(states["bf16"][k], states["fp32"][k]) for k in states["bf16"])  # autocast ran
 
 
 def test_mrl_dims_above_model_dim_fail_before_training(tiny_bert_dir, examples):  # noqa: F811
@@ -260,6 +299,8 @@ def test_stage_main_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, capsys):  #
         ("train:\n  mix:\n    path: nowhere.tsv\n", "mix file not found"),
         ("train:\n  mix:\n    path: params.yaml\n    fraction: 1.0\n", "train.mix.fraction"),
         ("train:\n  learning_rate: 1e-4\n", "unknown key"),
+        ("train:\n  nproc_per_node: 0\n", "train.nproc_per_node"),
+        ("train:\n  dtype: float16\n", "train.dtype"),
     ],
 )
 def test_train_params_rejected(tmp_path, yaml_text, message):
