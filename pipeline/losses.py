@@ -9,7 +9,8 @@ loss is the cross-entropy of the softmax over the candidates that are valid for 
 Candidate columns are laid out [p_0..p_{B-1} | n_0..n_{B-1} | q_0..q_{B-1}]. A candidate is not a
 negative for q_i (masked out) when it is the same passage as p_i (same id), or its underlying text
 equals q_i's or p_i's text (the same passage under another id, a repeated query, or the two
-directions of a symmetric pair), or it is q_i itself, or it is a missing hard negative.
+directions of a symmetric pair), or it is the positive of another copy of q_i's query text (a
+query with several relevant passages), or it is q_i itself, or it is a missing hard negative.
 
 In data-parallel training B is the global batch: `pipeline.training` gathers every rank's
 embeddings before `compute_loss_from_embeddings`, so the candidates and the mask span all ranks.
@@ -68,7 +69,8 @@ def candidate_mask(batch: Sequence[Example]) -> torch.Tensor:
     def differs(text: torch.Tensor) -> torch.Tensor:
         return (text[None, :] != own_q) & (text[None, :] != own_p)
 
-    valid_p = (pos_id[None, :] != pos_id[:, None]) & differs(p_text)
+    # p_j of another copy of the same query text is relevant to q_i too, not a negative.
+    valid_p = (pos_id[None, :] != pos_id[:, None]) & differs(p_text) & (q_text[None, :] != own_q)
     valid_p.fill_diagonal_(True)
     valid_n = (neg_id[None, :] >= 0) & (neg_id[None, :] != pos_id[:, None]) & differs(n_text)
     valid_q = differs(q_text)  # also drops q_i itself, whose text equals its own

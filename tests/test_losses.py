@@ -53,7 +53,8 @@ def reference_loss(batch: list[Example], q, p, n, temperature: float, dims: list
         """The masking rules, restated per candidate."""
         e, c = batch[i], batch[j]
         if kind == "p":
-            return j != i and (c.positive_id == e.positive_id or c.positive_text in (e.query_text, e.positive_text))
+            return j != i and (c.positive_id == e.positive_id or c.positive_text in (e.query_text, e.positive_text)
+                               or c.query_text == e.query_text)
         if kind == "n":
             return c.negative_id == e.positive_id or c.negative_text in (e.query_text, e.positive_text)
         return j == i or c.query_text in (e.query_text, e.positive_text)
@@ -120,6 +121,8 @@ def test_mask_entries():
     assert not mask[1, n_col(3)]  # row 3's negative is row 1's positive
     assert mask[3, n_col(3)] and mask[0, n_col(3)]  # ...but a fine negative for others
     assert not mask[0, q_col(4)] and not mask[4, q_col(0)]  # repeated query text
+    assert not mask[0, p_col(4)] and not mask[4, p_col(0)]  # ...whose positives are both relevant to it
+    assert mask[0, n_col(4)] and mask[4, n_col(0)]  # ...while its hard negatives stay negatives
     assert not mask[:, n_col(1)].any()  # no negative at all
     assert not mask[0, n_col(5)] and not mask[2, n_col(5)]  # row 0's positive text under another id
     assert not mask[6, n_col(6)]  # own negative == own positive
