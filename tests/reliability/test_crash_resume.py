@@ -41,7 +41,13 @@ START_UP_SECONDS = 6.0  # kills "from the start" land in imports and model loadi
 
 
 def kill_points(stage: str, n: int) -> list[tuple[float, bool]]:
-    """n seeded (fraction, after_marker) points; in the long variant a quarter fall in start-up."""
+    """n seeded (fraction, after_marker) points; in the long variant a quarter fall in start-up.
+
+    The short variant is fixed, not drawn: one kill halfway through the work, one at its end (in the
+    writing that follows, or just before). Two draws can both land past the end, and then a fast
+    machine finishes every run before its kill and the test checks nothing."""
+    if n <= 2:
+        return [(0.4, True), (0.85, True)][:n]
     rng = random.Random(f"{stage}:{n}")
     return [(rng.random(), n <= 2 or i % 4 != 0) for i in range(n)]
 
