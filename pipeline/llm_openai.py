@@ -336,6 +336,10 @@ class ServerScorer:
         floored: RC answers where a side had none of its spellings in the top k.
     """
 
+    # Each prompt is one independent request: `score_relevance` hands over all missing prompts at
+    # once (not passage by passage), so the pool keeps `llm.concurrency` requests in flight.
+    shares_prefixes = False
+
     def __init__(self, llm: OpenAILLM, yes_words: Sequence[str], no_words: Sequence[str]):
         from pipeline.scoring import ScoringError, answer_token_ids
 

@@ -189,6 +189,8 @@ class PrefixScorer:
         forward_tokens: tokens run through the model; `prompt_tokens`: tokens the prompts hold.
     """
 
+    shares_prefixes = True  # score_relevance hands it one passage's prompts at a time
+
     def __init__(self, llm: "LLM", yes_words: Sequence[str], no_words: Sequence[str]):
         self.llm = llm
         self.yes_ids = answer_token_ids(llm.tokenizer, yes_words)
@@ -374,17 +376,13 @@ def score_relevance(
     # uninterrupted run; batches already cached are skipped. A resumed run thus computes each missing
     # prompt in the same batch, beside the same prompts, as a run that never stopped, and so gets the
     # same floats (padding and prefix length change the rounding).
-    missing = {r.passage_id for r in todo}
-    groups: dict[str, list[ScoreRequest]] = {}
-    for r in unique:
-        if r.passage_id in missing:
-            groups.setdefault(r.passage_id, []).append(r)
+    groups = _work_units(scorer, unique, todo)
     bar = _progress_bar(len(todo), progress)
     rows_before, tokens_before, prompt_tokens_before = scorer.forward_rows, scorer.forward_tokens, scorer.prompt_tokens
     score_started = time.perf_counter()
     batches = 0
-    for pid in sorted(groups):
-        for values in scorer.score_group(scorer.tokenize(groups[pid]), params.batch_size, skip=done.keys()):
+    for unit in groups:
+        for values in scorer.score_group(scorer.tokenize(unit), params.batch_size, skip=done.keys()):
             done.update({k: e.value for k, e in cache.put_many(NAMESPACE, values).items()})  # a crash loses one batch
             batches += 1
             if on_batch is not None:
@@ -400,7 +398,7 @@ def score_relevance(
         "prompts": len(requests),
         "cached": len(requests) - len(todo),
         "computed": computed,
-        "passages": len(groups),
+        "passages": len({r.passage_id for r in todo}),
         "batches": batches,
         "prompt_tokens": scorer.prompt_tokens - prompt_tokens_before,  # in the prompts scored
         "forward_tokens": scorer.forward_tokens - tokens_before,  # run through the model
@@ -409,6 +407,23 @@ def score_relevance(
         "pairs_per_s": computed / 2 / score_seconds if computed and score_seconds > 0 else 0.0,
     }
     return ScoringResult(scores, stats)
+
+
+def _work_units(scorer: Any, unique: list[ScoreRequest], todo: list[ScoreRequest]) -> list[list[ScoreRequest]]:
+    """What each `score_group` call gets.
+
+    A scorer that shares each passage's prompt prefix (in-process) gets one passage's prompts at a
+    time, cached ones included (see above), passages in id order. A scorer without that sharing (a
+    server, `shares_prefixes = False`) gets every missing prompt at once, so that `llm.concurrency`
+    requests can be in flight whatever the number of prompts per passage."""
+    if not getattr(scorer, "shares_prefixes", True):
+        return [todo] if todo else []
+    missing = {r.passage_id for r in todo}
+    groups: dict[str, list[ScoreRequest]] = {}
+    for r in unique:
+        if r.passage_id in missing:
+            groups.setdefault(r.passage_id, []).append(r)
+    return [groups[pid] for pid in sorted(groups)]
 
 
 def _scores_table(requests: list[ScoreRequest], done: dict[str, Any], llm: str, prompt_hash: str) -> pa.Table:

@@ -297,6 +297,18 @@ def _pairs() -> pa.Table:
     })
 
 
+def test_scoring_keeps_concurrency_requests_in_flight_across_passages(tiny_llm_dir, stubs):
+    gauge = Gauge()
+    stub = stubs(delay=0.2, gauge=gauge)
+    llm = _llm(tiny_llm_dir, [stub.url], concurrency=8)
+    template = ScoreTemplate()
+    scorer = llm.scorer(template.yes_words, template.no_words)
+    result = score_relevance(_pairs(), llm, ScoreParams(), LLMCache(None), template, progress=False, scorer=scorer)
+    assert result.scores.num_rows == 4 and len(stub.bodies) == 8
+    # 8 prompts over 3 passages (the largest has 4): all 8 at once, not one passage at a time.
+    assert gauge.max == 8
+
+
 def test_scores_read_the_query_tokens_and_the_answer_top_k(tiny_llm_dir, stubs, tokenizer, tmp_path):
     stub = stubs()
     llm = _llm(tiny_llm_dir, [stub.url])
