@@ -117,7 +117,7 @@ def open_live(params: Params, counts):
     live.log_params(
         {
             "train": params.train.model_dump(mode="json"),
-            "encoder": params.encoder.model_dump(mode="json", include={"model", "max_length", "dtype"}),
+            "encoder": params.encoder.model_dump(mode="json", include={"model", "max_length"}),  # train.dtype rules training
             "base": params.base.model_dump(mode="json"),
             "data": dataclasses.asdict(counts),
         }
