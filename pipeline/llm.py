@@ -240,6 +240,12 @@ class LLM:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
+    def scorer(self, yes_words, no_words):
+        """The scorer `pipeline.scoring.score_relevance` uses for this model: shared passage prefixes."""
+        from pipeline.scoring import PrefixScorer
+
+        return PrefixScorer(self, yes_words, no_words)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt; a chat-templated prompt already holds its special tokens."""
         return self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"]

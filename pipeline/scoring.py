@@ -363,10 +363,10 @@ def score_relevance(
         llm: a loaded `pipeline.llm.LLM`.
         cache: finished prompts are read from it and written to it after every forward batch.
         on_batch: called with the number of finished batches after each is cached (tests use it).
-        scorer: reuse one (and its counters) across calls; built from `llm` and `template` if None.
+        scorer: reuse one (and its counters) across calls; if None, `llm.scorer(...)` with the template's answers.
     """
     template = template or ScoreTemplate()
-    scorer = scorer or PrefixScorer(llm, template.yes_words, template.no_words)
+    scorer = scorer or llm.scorer(template.yes_words, template.no_words)  # in-process or a server's
     started = time.perf_counter()
     requests = build_requests(pairs, llm, params, template)
     done = {k: e.value for k, e in cache.get_many(r.key for r in requests).items()}

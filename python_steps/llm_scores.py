@@ -30,7 +30,7 @@ def main() -> None:
     params = load_stage_params(STAGE)
     from pipeline.cache import LLMCache
     from pipeline.llm import LLMError, load_llm  # torch: only once params are valid
-    from pipeline.scoring import ScoreTemplate, ScoringError, score_relevance
+    from pipeline.scoring import ScoringError, score_relevance
 
     try:
         llm = load_llm(params.llm, params.base)
@@ -41,10 +41,7 @@ def main() -> None:
     try:
         with write_stage(STAGE, upstream=UPSTREAM) as con:
             pairs = con.sql(PAIRS_SQL).to_arrow_table()
-            template = ScoreTemplate()
-            # A server scores through its own scorer (pipeline/llm_openai.py); in-process: PrefixScorer.
-            scorer = llm.scorer(template.yes_words, template.no_words) if params.llm.backend == "openai" else None
-            result = score_relevance(pairs, llm, params.score, cache, template, progress=True, scorer=scorer)
+            result = score_relevance(pairs, llm, params.score, cache, progress=True)
             rows = write_table(con, STAGE, result.scores)
     except (WarehouseError, ScoringError, LLMError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
