@@ -88,7 +88,14 @@ def test_bundled_sample_is_consistent_and_ingests_cleanly() -> None:
         reader = csv.reader(f, delimiter="\t")
         assert next(reader) == ["query-id", "corpus-id", "score"]
         qrels = list(reader)
+    with (SAMPLE / "qrels" / "train.tsv").open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        assert next(reader) == ["query-id", "corpus-id", "score"]
+        dev_qrels = list(reader)
     query_ids = {json.loads(line)["_id"] for line in (SAMPLE / "queries.jsonl").read_text(encoding="utf-8").splitlines()}
-    assert len(qrels) == 339 and {q for q, _, _ in qrels} == query_ids and len(query_ids) == 300
-    assert {d for _, d, _ in qrels} <= doc_ids
+    test_ids, dev_ids = {q for q, _, _ in qrels}, {q for q, _, _ in dev_qrels}
+    assert len(qrels) == 339 and len(test_ids) == 300 and len(dev_qrels) == 336 and len(dev_ids) == 316
+    # The dev split (SciFact train queries) never shares a query with test, and every judged doc is here.
+    assert test_ids | dev_ids == query_ids and not test_ids & dev_ids
+    assert {d for _, d, _ in qrels + dev_qrels} <= doc_ids
     assert (SAMPLE / "LICENSE").read_text(encoding="utf-8").count("CC BY-NC 2.0") >= 1

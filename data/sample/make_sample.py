@@ -1,9 +1,11 @@
 """Make the bundled sample corpus from BEIR SciFact: `python data/sample/make_sample.py [SOURCE]`.
 
 Keeps every test query, every document judged for them, and other documents drawn with a fixed
-seed up to `--docs` in all. Lines are copied byte for byte and in source order, so each sample file
-is a sub-list of its source file. Writes corpus.jsonl, queries.jsonl, qrels/test.tsv and SOURCE.md
-next to this script; the same source and arguments give byte-identical files.
+seed up to `--docs` in all; then every train query whose judged documents all made it into the
+sample, as a dev split (`qrels/train.tsv`) to tune and select models on without touching test.
+Lines are copied byte for byte and in source order, so each sample file is a sub-list of its source
+file. Writes corpus.jsonl, queries.jsonl, qrels/test.tsv, qrels/train.tsv and SOURCE.md next to
+this script; the same source and arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ SOURCE_MD5 = {
     "corpus.jsonl": "26537f8ae036fdb77d847ec4f7ac1858",
     "queries.jsonl": "846a4365aec1857489dd3dbc130f2c2e",
     "qrels/test.tsv": "8364b6c0380b0aedd1a0bed94ad3eea2",
+    "qrels/train.tsv": "31dae8ae0f1e1f137bb1b802559f6027",
 }
 
 
@@ -55,22 +58,34 @@ def make_sample(source: Path, out: Path, n_docs: int, seed: int) -> dict[str, in
     out.mkdir(parents=True, exist_ok=True)
     (out / "qrels").mkdir(exist_ok=True)
     (out / "corpus.jsonl").write_bytes(b"".join(line for line, i in zip(corpus_lines, ids) if i in keep))
+    # Dev split: a train query is kept only when every document judged for it is in the sample, so
+    # its qrels stay complete (a judged document missing from the corpus would lower every score).
+    train_lines = (source / "qrels/train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    train_judged = [line.split("\t") for line in train_lines[1:]]
+    incomplete = {q for q, d, _ in train_judged if d not in keep}
+    train_kept = [line for line, (q, _, _) in zip(train_lines[1:], train_judged) if q not in incomplete]
+    train_queries = {line.split("\t")[0] for line in train_kept}
     query_lines = (source / "queries.jsonl").read_bytes().splitlines(keepends=True)
-    kept_queries = [line for line in query_lines if json.loads(line)["_id"] in test_queries]
+    wanted = test_queries | train_queries
+    kept_queries = [line for line in query_lines if json.loads(line)["_id"] in wanted]
     (out / "queries.jsonl").write_bytes(b"".join(kept_queries))
     (out / "qrels/test.tsv").write_text(header + "".join(judgments), encoding="utf-8")
+    (out / "qrels/train.tsv").write_text(train_lines[0] + "".join(train_kept), encoding="utf-8")
     return {
         "docs": len(keep),
         "relevant_docs": len(relevant),
         "random_docs": len(keep) - len(relevant),
         "source_docs": len(ids),
-        "queries": len(kept_queries),
+        "queries": len(test_queries),
         "judgments": len(judgments),
+        "train_queries": len(train_queries),
+        "train_judgments": len(train_kept),
+        "source_train_queries": len({q for q, _, _ in train_judged}),
     }
 
 
 def write_source_md(out: Path, counts: dict[str, int], n_docs: int, seed: int) -> None:
-    outputs = {name: md5(out / name) for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")}
+    outputs = {name: md5(out / name) for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/train.tsv")}
     text = f"""# Bundled sample: a subset of BEIR SciFact
 
 The default corpus of `dvc repro` (params `corpus.path: data/sample/corpus.jsonl`) and a small
@@ -92,17 +107,20 @@ Read from the project's checked copy, `shared/eval/scifact/` (md5 as listed in i
 - all {counts['queries']} test queries (`qrels/test.tsv`) and all {counts['judgments']} of their judgments;
 - every document judged for them: {counts['relevant_docs']} documents;
 - {counts['random_docs']} other documents drawn with `random.Random({seed}).sample` from the other documents' ids (sorted);
-- {counts['docs']} documents in all, of {counts['source_docs']:,} in the full corpus.
+- {counts['docs']} documents in all, of {counts['source_docs']:,} in the full corpus;
+- a dev split, `qrels/train.tsv`: the {counts['train_queries']} of SciFact's {counts['source_train_queries']} train queries whose judged
+  documents are all in the sample, with all {counts['train_judgments']} of their judgments. Tune and select on it; report on test.
 
-Lines are copied byte for byte, in the source's order; `queries.jsonl` keeps only the test queries
-and `qrels/test.tsv` keeps the source header `query-id corpus-id score`.
+Lines are copied byte for byte, in the source's order; `queries.jsonl` keeps the test and dev
+queries, and both qrels files keep the source header `query-id corpus-id score`.
 
 ## Files
 | file | rows | md5 |
 |---|---|---|
 | `corpus.jsonl` | {counts['docs']} | `{outputs['corpus.jsonl']}` |
-| `queries.jsonl` | {counts['queries']} | `{outputs['queries.jsonl']}` |
+| `queries.jsonl` | {counts['queries'] + counts['train_queries']} | `{outputs['queries.jsonl']}` |
 | `qrels/test.tsv` | {counts['judgments']} (plus header) | `{outputs['qrels/test.tsv']}` |
+| `qrels/train.tsv` | {counts['train_judgments']} (plus header) | `{outputs['qrels/train.tsv']}` |
 
 Scores on this sample are not comparable with published full-SciFact scores: the corpus holds
 fewer distractors, so retrieval is easier.
