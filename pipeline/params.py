@@ -258,6 +258,9 @@ class MixParams(Section):
     # Share of all training examples drawn from the pairs (each pair gives both directions).
     fraction: float = Field(0.1, gt=0, lt=1)
     task: str = Field("Retrieve semantically similar text", min_length=1)  # query-side task text
+    # Gecko's symmetric format: both sides formatted as queries with `task` (as evaluate formats STS
+    # pairs); false: the second side is formatted as a passage.
+    symmetric: bool = True
 
     @field_validator("path")
     @classmethod
@@ -283,6 +286,9 @@ class TrainParams(Section):
     # model's full dimension is always included. [] trains the full dimension only.
     mrl_dims: list[int] = [384, 256, 128, 64]
     mix: MixParams | None = None
+    # Task types (generate.task_types) whose positive and negative are formatted like the query, with
+    # the same task (Gecko's symmetric format); [] formats every passage as a passage.
+    symmetric_task_types: list[str] = ["sentence similarity"]
     # Autocast dtype while training (weights, optimizer and loss stay float32). auto: bfloat16 on a
     # GPU or CPU that computes it natively (CUDA bf16, AVX512-BF16, AMX), else float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -29,7 +29,7 @@ import torch
 from pipeline.losses import Example, GeckoLoss, candidate_mask, mrl_dims
 
 TRIPLES_COLUMNS = [
-    "query_id", "task", "query", "positive_id", "positive_title", "positive_text",
+    "query_id", "task_type", "task", "query", "positive_id", "positive_title", "positive_text",
     "negative_id", "negative_title", "negative_text",
 ]  # fmt: skip
 # group_by_length sorts this many batches' worth of examples at a time: wide enough that batches
@@ -70,11 +70,16 @@ class TrainResult:
 # --- data -----------------------------------------------------------------------------------------
 
 
-def read_triples(path: str | Path, text_format) -> tuple[list[Example], DataCounts]:
+def read_triples(
+    path: str | Path, text_format, symmetric_task_types: Sequence[str] = ()
+) -> tuple[list[Example], DataCounts]:
     """Read table `triples` from a DuckDB file (read-only) into examples, in a fixed order.
 
     Args:
         text_format: a `pipeline.encoder.TextFormat` (the unified format).
+        symmetric_task_types: task types whose passages are formatted like the query, with the same
+            task (Gecko's symmetric format for sentence similarity: both sides of such a pair are
+            the same kind of text, so they should be embedded the same way).
 
     Raises:
         ValueError: the table lacks a needed column or has no rows.
@@ -96,7 +101,8 @@ def read_triples(path: str | Path, text_format) -> tuple[list[Example], DataCoun
         con.close()
     if not rows:
         raise ValueError(f"{path}: table triples is empty")
-    examples = [_triple_example(dict(zip(TRIPLES_COLUMNS, row)), text_format) for row in rows]
+    symmetric = set(symmetric_task_types)
+    examples = [_triple_example(dict(zip(TRIPLES_COLUMNS, row)), text_format, symmetric) for row in rows]
     with_negative = sum(e.negative is not None for e in examples)
     counts = DataCounts(
         triples=len(examples),
@@ -107,12 +113,17 @@ def read_triples(path: str | Path, text_format) -> tuple[list[Example], DataCoun
     return examples, counts
 
 
-def _triple_example(row: dict[str, Any], fmt) -> Example:
+def _triple_example(row: dict[str, Any], fmt, symmetric: set[str]) -> Example:
     has_negative = row["negative_id"] is not None and row["negative_text"] is not None
+    if row["task_type"] in symmetric:
+        def side(title, text):  # noqa: ARG001 - a query has no title
+            return fmt.query(row["task"], text)
+    else:
+        side = fmt.passage
     return Example(
         query=fmt.query(row["task"], row["query"]),
-        positive=fmt.passage(row["positive_title"], row["positive_text"]),
-        negative=fmt.passage(row["negative_title"], row["negative_text"]) if has_negative else None,
+        positive=side(row["positive_title"], row["positive_text"]),
+        negative=side(row["negative_title"], row["negative_text"]) if has_negative else None,
         query_text=row["query"],
         positive_text=row["positive_text"],
         negative_text=row["negative_text"] if has_negative else None,
@@ -121,8 +132,11 @@ def _triple_example(row: dict[str, Any], fmt) -> Example:
     )
 
 
-def read_pairs(path: str | Path, min_score: float, task: str, text_format) -> list[Example]:
+def read_pairs(path: str | Path, min_score: float, task: str, text_format, symmetric: bool = True) -> list[Example]:
     """Labelled pairs scoring >= min_score as examples, in both directions (similarity is symmetric).
+
+    With `symmetric` (Gecko's format for similarity tasks) both sides are formatted as queries with
+    `task`, as the evaluate stage formats STS pairs; otherwise the second side is a passage.
 
     The file is a TSV with header columns sentence1, sentence2, score (the STS Benchmark layout). It
     has no quoting (sentences contain bare `"`), so it is read with QUOTE_NONE. Pair sides get
@@ -140,7 +154,7 @@ def read_pairs(path: str | Path, min_score: float, task: str, text_format) -> li
             out.append(
                 Example(
                     query=text_format.query(task, query),
-                    positive=text_format.passage(None, passage),
+                    positive=text_format.query(task, passage) if symmetric else text_format.passage(None, passage),
                     negative=None,
                     query_text=query,
                     positive_text=passage,

@@ -64,9 +64,9 @@ def run(params: Params, world: World, started: float) -> None:
         raise SystemExit(f"{STAGE}: {triples}: upstream stage 'triples' has not been built (run `dvc repro triples`)")
     fmt = TextFormat.from_params(enc)
     try:
-        examples, counts = read_triples(triples, fmt)
+        examples, counts = read_triples(triples, fmt, tp.symmetric_task_types)
         if tp.mix is not None:
-            pairs = read_pairs(tp.mix.path, tp.mix.min_score, tp.mix.task, fmt)
+            pairs = read_pairs(tp.mix.path, tp.mix.min_score, tp.mix.task, fmt, tp.mix.symmetric)
             mixed = mix_in(examples, pairs, tp.mix.fraction, params.base.seed)
             counts = dataclasses.replace(counts, mix_examples=len(mixed) - len(examples))
             examples = mixed

@@ -103,9 +103,31 @@ def test_read_pairs_unquoted_threshold_both_directions(tmp_path):
     pairs = read_pairs(tsv, 4.0, "Retrieve semantically similar text", TextFormat())
     assert len(pairs) == 4  # two pairs over the threshold, each in both directions
     assert pairs[0].query == 'task: Retrieve semantically similar text | query: He said "hi.'
-    assert pairs[0].positive == "title: none | text: He greeted them."
+    # Gecko's symmetric format by default: both sides are queries with the same task.
+    assert pairs[0].positive == "task: Retrieve semantically similar text | query: He greeted them."
     assert pairs[1].query_text == "He greeted them." and pairs[1].positive_text == 'He said "hi.'
     assert all(p.negative is None for p in pairs)
+    asymmetric = read_pairs(tsv, 4.0, "Retrieve semantically similar text", TextFormat(), symmetric=False)
+    assert asymmetric[0].positive == "title: none | text: He greeted them."
+    assert [e.query for e in asymmetric] == [e.query for e in pairs]
+
+
+def test_read_triples_symmetric_task_types_format_passages_as_queries(tmp_path):
+    import duckdb
+
+    path = write_triples(tmp_path / "t.duckdb", n=4, without_negative=())
+    con = duckdb.connect(str(path))
+    con.execute("UPDATE triples SET task_type = 'sentence similarity', task = 'Find a paraphrase' WHERE query_id = 'q01'")
+    con.close()
+    plain, _ = read_triples(path, TextFormat())
+    examples, _ = read_triples(path, TextFormat(), ["sentence similarity"])
+    sym = examples[1]
+    assert sym.positive == "task: Find a paraphrase | query: glaciers 1 are described in this passage."
+    assert sym.negative == "task: Find a paraphrase | query: a note on embeddings 1"
+    assert sym.positive_text == plain[1].positive_text  # the raw texts, which masking compares, are unchanged
+    # Other task types keep the passage format.
+    assert [e.positive for i, e in enumerate(examples) if i != 1] == [e.positive for i, e in enumerate(plain) if i != 1]
+    assert examples[0].positive.startswith("title: ")
 
 
 def test_mix_in_fraction_and_seed(examples):
