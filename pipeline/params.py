@@ -7,6 +7,7 @@ Each pipeline stage reads one section; `base` is shared.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,15 +160,49 @@ class NeighborsParams(Section):
     hnsw: HNSWParams = HNSWParams()
 
 
+class FusionWeights(Section):
+    """Weights of the three rankings fused by sql/fused_ranks.sql: R = sum of w / (k + rank).
+
+    Kept to the millionth (rounded here), so SQL computes R as an exact fraction over integers.
+    """
+
+    ql: float = Field(1.0, ge=0, allow_inf_nan=False)  # query likelihood log P(query | passage)
+    rc: float = Field(1.0, ge=0, allow_inf_nan=False)  # relevance classification P(relevant | query, passage)
+    knn: float = Field(0.0, ge=0, allow_inf_nan=False)  # the encoder's own cosine order
+
+    @field_validator("ql", "rc", "knn")
+    @classmethod
+    def _to_the_millionth(cls, value: float) -> float:
+        return round(value, 6)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> "FusionWeights":
+        if not (self.ql or self.rc or self.knn):
+            raise ValueError("at least one of ql, rc, knn must be above 0 (weights count to the millionth)")
+        return self
+
+    @classmethod
+    def parse(cls, value: Any) -> "FusionWeights":
+        """Validate a `{ql, rc, knn}` mapping; ValueError with one line per problem."""
+        try:
+            return cls.model_validate(value)
+        except ValidationError as err:
+            problems = (f"{'.'.join(map(str, e['loc']))}: {e['msg']}".removeprefix(": ") for e in err.errors())
+            raise ValueError("; ".join(p.replace("Value error, ", "") for p in problems)) from None
+
+
 class SelectParams(Section):
     """SQL stage `triples` (sql/*.sql): Gecko's positive and hard-negative selection.
 
     The negative options keep the names and meanings of sentence-transformers' `mine_hard_negatives`.
     """
 
-    # R = 1/(k + r_QL) + 1/(k + r_RC). Gecko uses k = 0; classic RRF uses 60, which flattens the top.
-    # An integer keeps R an exact fraction, so equal sums are true ties for the tie-breakers.
+    # R = w_ql/(k + r_QL) + w_rc/(k + r_RC) + w_knn/(k + r_knn). Gecko uses k = 0; classic RRF uses
+    # 60, which flattens the top. An integer keeps R an exact fraction, so equal sums are true ties.
     rrf_k: int = Field(0, ge=0)
+    # Gecko's fusion is {ql: 1, rc: 1, knn: 0}. A ranking with weight 0 is not read (score.methods
+    # may leave it NULL). `judge`: the judge check's `best_weights`, read from judge.metrics_path.
+    weights: FusionWeights | Literal["judge"] = FusionWeights()
     # fused: the top passage after fusion (Gecko's p1); seed: the passage the query was generated
     # from (the paper's p_seed ablation).
     positive: Literal["fused", "seed"] = "fused"
@@ -180,8 +215,9 @@ class SelectParams(Section):
     range_max: int | None = Field(None, ge=1)
     # False-negative guard (NV-Retriever's TopK-PercPos; sentence-transformers' meaning): drop a
     # candidate whose encoder score exceeds (1 - relative_margin) x the positive's. 0.05 is
-    # NV-Retriever's best setting (95%); with `lowest` it rarely binds, so Gecko's recipe is kept.
-    # null disables.
+    # NV-Retriever's best setting (95%). It binds hard when p1 is a passage the encoder ranks low (every
+    # other candidate then scores above it): selection_report counts the queries it leaves without a
+    # negative (queries_all_above_relative_margin). null disables.
     relative_margin: float | None = Field(0.05, ge=0, lt=1)
     # Drop a candidate the LLM itself rates relevant (RC log-odds above this). Off by default: log-odds
     # are not calibrated across LLMs, and a small one says "yes" to most pairs.
@@ -189,6 +225,30 @@ class SelectParams(Section):
     # A query left without a negative: keep it (negative columns null; it still trains against
     # in-batch negatives) or drop it. Dropped by default, so every triples row is a full triple.
     keep_without_negative: bool = False
+    # Query filters (sql/query_filters.sql), all off by default; a dropped query gets no positive.
+    # Round-trip consistency (Promptagator): keep a query only if the encoder ranks its seed in its
+    # top round_trip_top_k (a seed outside the mined top N fails, so values above neighbors.top_n
+    # act as top_n).
+    round_trip_top_k: int | None = Field(None, ge=1)
+    # Share of the query's words (lowercased letters/digits runs) found in the seed passage's text:
+    # a query copied from its passage teaches the encoder string matching.
+    max_copy_rate: float | None = Field(None, ge=0, le=1)
+    # Query length in the same words.
+    min_query_words: int | None = Field(None, ge=1)
+    max_query_words: int | None = Field(None, ge=1)
+    # Keep only the first (smallest query_id) of queries equal once lowercased, stripped of
+    # punctuation and whitespace-collapsed; queries dropped by another filter do not count as first.
+    drop_duplicate_queries: bool = False
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _numbers_or_judge(cls, value: Any) -> Any:
+        # One message naming the problem, instead of pydantic's one per member of the union.
+        if isinstance(value, dict):
+            return FusionWeights.parse(value)
+        if value == "judge" or isinstance(value, FusionWeights):
+            return value
+        raise ValueError(f"expected a mapping {{ql, rc, knn}} of weights or 'judge', got {value!r}")
 
     @model_validator(mode="after")
     def _range_not_empty(self) -> "SelectParams":
@@ -197,7 +257,37 @@ class SelectParams(Section):
                 f"range_max ({self.range_max}) must exceed range_min ({self.range_min}): "
                 "the window is the fused ranks range_min+1 .. range_max"
             )
+        if None not in (self.min_query_words, self.max_query_words) and self.max_query_words < self.min_query_words:
+            raise ValueError(
+                f"max_query_words ({self.max_query_words}) must not be below min_query_words ({self.min_query_words})"
+            )
         return self
+
+    def fusion_weights(self, judge_metrics: Path) -> FusionWeights:
+        """`weights` as numbers: as written, or when `judge` the `best_weights` of `judge_metrics`
+        (the judge stage's JSON, `judge.metrics_path`).
+
+        Raises:
+            ParamsError: `judge`, but the file is missing or unreadable, or its `best_weights` is
+                not an object of ql, rc and knn weights.
+        """
+        if isinstance(self.weights, FusionWeights):
+            return self.weights
+        hint = "run the judge stage first (dvc repro judge) or give select.weights as numbers"
+        problem = f"select.weights is 'judge' but {judge_metrics}"
+        try:
+            data = json.loads(Path(judge_metrics).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ParamsError(f"{problem} does not exist: {hint}") from None
+        except (OSError, ValueError) as err:
+            raise ParamsError(f"{problem} is not readable JSON ({err}): {hint}") from None
+        best = data.get("best_weights") if isinstance(data, dict) else None
+        if not isinstance(best, dict) or set(best) != set(FusionWeights.model_fields):
+            raise ParamsError(f"{problem} has no best_weights object with keys ql, rc, knn (got {best!r}): {hint}")
+        try:
+            return FusionWeights.parse(best)
+        except ValueError as err:
+            raise ParamsError(f"{problem}: best_weights is not usable: {err}") from None
 
 
 class EvalSetParams(Section):
@@ -271,6 +361,37 @@ class MixParams(Section):
         return value
 
 
+class DevParams(Section):
+    """Dev sets for model selection while training (`train.eval_every`): never a test split."""
+
+    retrieval: dict[str, EvalSetParams] = {}  # name -> BEIR folder; scored by nDCG@10
+    sts: dict[str, EvalSetParams] = {}  # name -> folder holding <split>.tsv; scored by cosine Spearman
+
+    @model_validator(mode="after")
+    def _dev_splits_only(self, info: ValidationInfo) -> "DevParams":
+        # Choosing the step by a test split would report a score tuned on the test set.
+        for kind, sets in (("retrieval", self.retrieval), ("sts", self.sts)):
+            for name, dev_set in sets.items():
+                if dev_set.split.lower().startswith("test"):
+                    raise ValueError(
+                        f"train.dev.{kind}.{name}.split is {dev_set.split!r}: model selection must not see a "
+                        "test split; use a dev or train split (e.g. qrels/train.tsv, split: train)"
+                    )
+        names = list(self.retrieval) + list(self.sts)
+        if len(set(names)) != len(names):
+            raise ValueError(f"dev set names must be unique across retrieval and sts: {names}")
+        if "score" in names:  # dvclive's dev/score is the mean over the sets
+            raise ValueError("'score' is reserved (dev/score is the mean over the sets): rename that dev set")
+        root = (info.context or {}).get("root")
+        needed = [(n, s.path / "qrels" / f"{s.split}.tsv") for n, s in self.retrieval.items()]
+        needed += [(n, s.path / f"{s.split}.tsv") for n, s in self.sts.items()]
+        for name, rel in needed if root is not None else []:
+            full = rel if rel.is_absolute() else Path(root) / rel
+            if not full.is_file():
+                raise ValueError(f"dev set {name!r}: file not found: {full}")
+        return self
+
+
 class TrainParams(Section):
     """Stage `train`: contrastive fine-tuning of the encoder on `triples` with Gecko's loss."""
 
@@ -301,6 +422,20 @@ class TrainParams(Section):
     # relaunches itself under torchrun; the global batch is still batch_size.
     nproc_per_node: int = Field(1, ge=1)
     output: Path = Path("models/fret-encoder")  # sentence-transformers folder
+    # Soft-label distillation (GPL / UPR style): the loss adds distill_weight x KL(teacher || student)
+    # over `distill_candidates` of each query's LLM-scored candidates (table distill_candidates).
+    # 0 = off: training is then exactly the contrastive one.
+    distill_weight: float = Field(0.0, ge=0)
+    # The teacher: ql_sum = log P(query | passage), whose softmax over the candidates is the LLM's
+    # posterior over them (uniform prior) at distill_temperature 1; ql_mean = the same per query token.
+    distill_score: Literal["ql_sum", "ql_mean"] = "ql_sum"
+    distill_temperature: float = Field(1.0, gt=0)  # teacher logits = teacher_score / distill_temperature
+    # Candidates per query in the KL (positive and hard negative always among them when scored).
+    distill_candidates: int = Field(4, ge=2)
+    # Model selection: score train.dev every eval_every steps (and at step 0 and the end) and save
+    # the best step's weights. null = off: the last step's weights are saved.
+    eval_every: int | None = Field(None, ge=1)
+    dev: DevParams = DevParams()
 
     @field_validator("mrl_dims")
     @classmethod
@@ -310,6 +445,14 @@ class TrainParams(Section):
         if any(a <= b for a, b in zip(value, value[1:])):
             raise ValueError(f"dimensions must be unique and sorted largest first: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _distill_and_selection_usable(self) -> "TrainParams":
+        if self.distill_weight > 0 and self.nproc_per_node > 1:
+            raise ValueError("distill_weight > 0 trains in one process only: set nproc_per_node: 1")
+        if self.eval_every is not None and not (self.dev.retrieval or self.dev.sts):
+            raise ValueError("eval_every is set but train.dev names no dev set (retrieval or sts)")
+        return self
 
 
 class LLMParams(Section):
@@ -404,6 +547,54 @@ class ScoreParams(Section):
     batch_size: int = Field(16, ge=1, le=1024)
     # Passages are cut to this many LLM tokens in the prompts (prompt length drives the cost on CPU).
     max_passage_tokens: int = Field(384, ge=8)
+    # The scores computed: ql (query likelihood), rc (relevance classification). [ql] halves the LLM
+    # work (a small LLM's RC is close to noise); a method left out has NULL scores and ranks. Cached
+    # prompts stay valid either way: the cache holds one entry per prompt.
+    methods: list[Literal["ql", "rc"]] = Field(["ql", "rc"], min_length=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"methods must be unique: {value}")
+        return value
+
+
+class JudgeParams(Section):
+    """Stage `judge`: the LLM reranks the encoder's top N on a labelled BEIR set; nDCG@10 of each
+    ranking and of a grid of fusion weights (the best is what `select.weights: judge` reads)."""
+
+    path: Path = Path("data/sample")  # a BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv
+    split: str = "train"  # never a test split (validated)
+    # The query-side task description, in the Gecko format and in the LLM's prompts.
+    task: str = Field("Given a scientific claim, retrieve documents that support or refute the claim", min_length=1)
+    # Labelled queries judged: a sample seeded by base.seed (all when fewer). 0: the stage does no work.
+    queries: int = Field(20, ge=0)
+    top_n: int | None = Field(None, ge=2)  # candidates reranked per query; null: neighbors.top_n
+    # Documents embedded: null = the whole corpus; K = the judged queries' relevant documents plus a
+    # seeded sample of the others, K in all (embedding a large corpus dominates the cost).
+    max_corpus: int | None = Field(None, ge=1)
+    metrics_path: Path = Path("metrics/judge.json")
+
+    @field_validator("split")
+    @classmethod
+    def _not_test(cls, value: str) -> str:
+        # The best weights feed the triples stage: picking them on test would tune on what evaluate scores.
+        if value.lower().startswith("test"):
+            raise ValueError(
+                "not a test split: the judge picks the fusion weights the triples stage may use, and "
+                "evaluate scores the test split; use a train or dev split (e.g. qrels/train.tsv, split: train)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _split_file_present(self, info: ValidationInfo) -> "JudgeParams":
+        root = (info.context or {}).get("root")
+        qrels = self.path / "qrels" / f"{self.split}.tsv"
+        full = qrels if qrels.is_absolute() or root is None else Path(root) / qrels
+        if root is not None and self.queries > 0 and not full.is_file():
+            raise ValueError(f"judge set file not found: {full}")
+        return self
 
 
 class Params(Section):
@@ -412,6 +603,7 @@ class Params(Section):
     llm: LLMParams = LLMParams()
     generate: GenerateParams = GenerateParams()
     score: ScoreParams = ScoreParams()
+    judge: JudgeParams = JudgeParams()
     encoder: EncoderParams = EncoderParams()
     neighbors: NeighborsParams = NeighborsParams()
     select: SelectParams = SelectParams()
@@ -497,4 +689,8 @@ def sql_variables(params: Params) -> dict[str, Any]:
                 value = str(value)
             if value is None or isinstance(value, (str, int, float, bool, list)):
                 out[f"{section_name}_{key}"] = value
+    # select.weights may say `judge`: resolved to numbers here, so SQL always reads select_weights_ql etc.
+    out.pop("select_weights", None)
+    weights = params.select.fusion_weights(params.judge.metrics_path)
+    out |= {f"select_weights_{name}": value for name, value in weights}
     return out

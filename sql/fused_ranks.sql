@@ -1,8 +1,14 @@
--- Gecko's rank fusion per (query, mined passage): R = 1/(k + r_QL) + 1/(k + r_RC), ranked within each query
+-- Weighted rank fusion per (query, mined passage): R = sum of w/(k + rank) over QL, RC, kNN, ranked per query
 with
 
 settings as (
-    select getvariable('select_rrf_k')::bigint as rrf_k
+    select
+        getvariable('select_rrf_k')::bigint as rrf_k,
+        -- Weights arrive rounded to the millionth (pipeline/params.py), so in millionths they are
+        -- integers and R below stays a fraction of integers. Gecko: ql 1, rc 1, knn 0.
+        round(getvariable('select_weights_ql')::double * 1000000)::bigint as ql_units,
+        round(getvariable('select_weights_rc')::double * 1000000)::bigint as rc_units,
+        round(getvariable('select_weights_knn')::double * 1000000)::bigint as knn_units
 ),
 
 scores as (
@@ -26,50 +32,92 @@ seeds as (
     select query_id, passage_id as seed_id from queries
 ),
 
-fused as (
+-- k + rank per signal. A signal with weight 0 is never read (score.methods may have left its ranks
+-- NULL): it stands as 1, the neutral factor of the products below.
+denominators as (
     select
-        scores.query_id,
-        scores.passage_id,
-        -- R written as one fraction, (2k + a + b) / ((k + a)(k + b)), and divided once: sums that are
-        -- equal on paper (1/2 + 1/6 = 1/3 + 1/3) round to the same double, so a tie is a true tie and
-        -- goes to the tie-breakers below instead of to floating-point noise.
-        (2 * settings.rrf_k + scores.ql_rank + scores.rc_rank)
-            / ((settings.rrf_k + scores.ql_rank) * (settings.rrf_k + scores.rc_rank)) as fused_score,
-        scores.ql_rank,
-        scores.rc_rank,
-        scores.knn_rank,
-        -- left join: a score without its neighbor row shows as a null knn_score (schema.yml fails it)
-        neighbor_scores.knn_score,
-        scores.ql_sum,
-        scores.ql_mean,
-        scores.rc_logodds,
-        coalesce(scores.passage_id = seeds.seed_id, false) as is_seed
+        scores.*,
+        settings.*,
+        if(settings.ql_units = 0, 1, settings.rrf_k + scores.ql_rank)::hugeint as ql_denominator,
+        if(settings.rc_units = 0, 1, settings.rrf_k + scores.rc_rank)::hugeint as rc_denominator,
+        if(settings.knn_units = 0, 1, settings.rrf_k + scores.knn_rank)::hugeint as knn_denominator
     from scores
     cross join settings
-    left join neighbor_scores
-        on neighbor_scores.query_id = scores.query_id and neighbor_scores.passage_id = scores.passage_id
-    left join seeds on seeds.query_id = scores.query_id
+),
+
+-- A weighted signal whose rank is NULL: it was not scored, and the build must say which weight asks for it.
+unranked as (
+    select
+        *,
+        case
+            when ql_denominator is null then 'ql'
+            when rc_denominator is null then 'rc'
+            when knn_denominator is null then 'knn'
+        end as unranked_signal
+    from denominators
+),
+
+fractions as (
+    select
+        query_id,
+        passage_id,
+        -- R written as one fraction of integers, sum of units x the other two factors over the
+        -- product of all three (x 10^6 for the units), and divided once: sums that are equal on paper
+        -- (1/2 + 1/6 = 1/3 + 1/3) round to the same double, so a tie is a true tie and goes to the
+        -- tie-breakers below instead of to floating-point noise. Reduced by their gcd (next CTE), so with
+        -- Gecko's weights these are exactly the old (2k + a + b) / ((k + a)(k + b)) and both sides
+        -- stay far below 2^53, where a double would stop holding them exactly.
+        case
+            when unranked_signal is not null then error('select.weights.' || unranked_signal || ' is above 0 but '
+                || 'llm_scores has no ' || unranked_signal || '_rank for query ' || query_id || ', passage '
+                || passage_id || ': score it (score.methods) or set select.weights.' || unranked_signal || ' to 0')
+            else ql_units * rc_denominator * knn_denominator
+                + rc_units * ql_denominator * knn_denominator
+                + knn_units * ql_denominator * rc_denominator
+        end as numerator,
+        ql_denominator * rc_denominator * knn_denominator * 1000000 as denominator,
+        -- The RC tie-breaker counts only when RC is fused (its ranks may be NULL otherwise).
+        case when rc_units > 0 then rc_rank end as rc_tie_rank,
+        ql_rank,
+        rc_rank,
+        knn_rank,
+        ql_sum,
+        ql_mean,
+        rc_logodds
+    from unranked
+),
+
+fused as (
+    select
+        *,
+        (numerator // gcd(numerator, denominator)) / (denominator // gcd(numerator, denominator)) as fused_score
+    from fractions
 ),
 
 final as (
     select
-        query_id,
-        passage_id,
-        -- Ties: the LLM's direct relevance judgement first, then the encoder's order, then the id,
-        -- so every build picks the same passages.
+        fused.query_id,
+        fused.passage_id,
+        -- Ties: the LLM's direct relevance judgement first (when fused), then the encoder's order,
+        -- then the id, so every build picks the same passages.
         row_number() over (
-            partition by query_id order by fused_score desc, rc_rank, knn_rank, passage_id
+            partition by fused.query_id
+            order by fused.fused_score desc, fused.rc_tie_rank, fused.knn_rank, fused.passage_id
         ) as fused_rank,
-        fused_score,
-        ql_rank,
-        rc_rank,
-        knn_rank,
-        knn_score,
-        ql_sum,
-        ql_mean,
-        rc_logodds,
-        is_seed
+        fused.fused_score,
+        fused.ql_rank,
+        fused.rc_rank,
+        fused.knn_rank,
+        -- left join: a score without its neighbor row shows as a null knn_score (schema.yml fails it)
+        neighbor_scores.knn_score,
+        fused.ql_sum,
+        fused.ql_mean,
+        fused.rc_logodds,
+        coalesce(fused.passage_id = seeds.seed_id, false) as is_seed
     from fused
+    left join neighbor_scores
+        on neighbor_scores.query_id = fused.query_id and neighbor_scores.passage_id = fused.passage_id
+    left join seeds on seeds.query_id = fused.query_id
 )
 
 select * from final

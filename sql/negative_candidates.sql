@@ -30,7 +30,14 @@ candidates as (
             fused.knn_score > positive_scores.positive_knn_score * (1 - settings.relative_margin), false
         ) as above_relative_margin,
         -- The LLM itself says relevant: likely an unlabelled positive, the worst thing to push away.
-        coalesce(fused.rc_logodds > settings.max_negative_rc_logodds, false) as rated_relevant
+        -- Without RC scores (score.methods) the guard would silently pass everything: fail instead.
+        case
+            when settings.max_negative_rc_logodds is null then false
+            when fused.rc_logodds is null then error('select.max_negative_rc_logodds is set but llm_scores has no '
+                || 'rc_logodds for query ' || fused.query_id || ', passage ' || fused.passage_id
+                || ': score RC (score.methods) or set select.max_negative_rc_logodds to null')
+            else fused.rc_logodds > settings.max_negative_rc_logodds
+        end as rated_relevant
     from fused
     join positive_scores on positive_scores.query_id = fused.query_id
     cross join settings

@@ -5,8 +5,9 @@ settings as (
     select getvariable('select_positive') as positive_strategy
 ),
 
+-- Only the queries the filters keep (all of them with the filters off) get a positive.
 seeds as (
-    select query_id, passage_id as seed_id from queries
+    select query_id, seed_id from query_filters where kept
 ),
 
 fused as (

@@ -8,6 +8,7 @@ run too. Hand-computed expectations are in the comments next to the data.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 
 from pipeline import warehouse as wh
 from pipeline.models import ModelError, build_models
-from pipeline.params import BaseParams, Params, SelectParams, sql_variables
+from pipeline.params import BaseParams, Params, ParamsError, SelectParams, load_params, sql_variables
 from pipeline.sqlshell import run_query
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -73,14 +74,23 @@ def write_upstream(
     candidates: dict = CANDIDATES,
     passage_ids: list[str] = PASSAGE_IDS,
     only: tuple[str, ...] = ("passages", "queries", "neighbors", "llm_scores"),
+    query_texts: dict[str, str] | None = None,
+    passage_texts: dict[str, str] | None = None,
+    unscored: tuple[str, ...] = (),
 ) -> Path:
-    """One stage file per upstream table, as the real pipeline writes them (`only`: just those)."""
+    """One stage file per upstream table, as the real pipeline writes them (`only`: just those).
+
+    `query_texts` / `passage_texts` override the default `query q1` / `text of p01`; `unscored`
+    names llm_scores columns left NULL, as `score.methods` leaves a method it did not compute.
+    """
+    query_texts = query_texts or {}
+    passage_texts = passage_texts or {}
     tables = {
         "passages": {
             "passage_id": passage_ids,
             "doc_id": [f"d{p}" for p in passage_ids],
             "title": [f"title {p}" for p in passage_ids],
-            "text": [f"text of {p}" for p in passage_ids],
+            "text": [passage_texts.get(p, f"text of {p}") for p in passage_ids],
             "n_words": [3] * len(passage_ids),
             "source": ["test"] * len(passage_ids),
         },
@@ -89,7 +99,7 @@ def write_upstream(
             "passage_id": [seed for seed, _ in queries.values()],
             "task_type": [task_type for _, task_type in queries.values()],
             "task": [f"task for {q}" for q in queries],
-            "query": [f"query {q}" for q in queries],
+            "query": [query_texts.get(q, f"query {q}") for q in queries],
             "llm": ["tiny"] * len(queries),
             "prompt_hash": ["h"] * len(queries),
             "created_at": ["2025-01-01"] * len(queries),
@@ -118,6 +128,8 @@ def write_upstream(
             ):
                 scores[key].append(value)
     tables["neighbors"] = neighbors
+    for column in unscored:
+        scores[column] = pa.array([None] * len(scores[column]), type=pa.int64() if "rank" in column else pa.float64())
     tables["llm_scores"] = scores
     for name in only:
         columns = tables[name]
@@ -231,6 +243,101 @@ def test_fused_ranks_carry_seed_flag_and_knn_score(warehouse):
     ]
 
 
+# ---------------------------------------------------------------- fusion weights
+
+# The fusion before select.weights existed, written out: the reference Gecko's weights must match.
+TWO_SIGNAL_FUSION = """
+    select query_id, passage_id,
+        row_number() over (partition by query_id order by r desc, rc_rank, knn_rank, passage_id) as fused_rank, r
+    from (select *, (2 * {k} + ql_rank + rc_rank) / (({k} + ql_rank) * ({k} + rc_rank)) as r from fused_ranks)
+    order by all
+"""
+FUSED = "select query_id, passage_id, fused_rank, fused_score from fused_ranks order by all"
+LLM_SCORES = ("ql_sum", "ql_mean", "ql_rank", "rc_logodds", "rc_rank")
+
+
+@pytest.mark.parametrize("rrf_k", [0, 60])
+def test_gecko_weights_reproduce_the_two_signal_fusion_exactly(warehouse, rrf_k):
+    build(warehouse, rrf_k=rrf_k)  # the default weights
+    reference = query(warehouse, TWO_SIGNAL_FUSION.format(k=rrf_k))
+    assert query(warehouse, FUSED) == reference  # the same ranks and the very same doubles
+    build(warehouse, rrf_k=rrf_k, weights={"ql": 2, "rc": 2, "knn": 0})  # only the ratio ranks
+    doubled = query(warehouse, FUSED)
+    assert [r[:3] for r in doubled] == [r[:3] for r in reference]
+    assert [r[3] for r in doubled] == pytest.approx([2 * r[3] for r in reference])
+
+
+def test_equal_weighted_sums_tie_exactly(tmp_path):
+    # 0.3/2 + 0.6/6 and 0.3/6 + 0.6/3 are both 1/4, but in floating point the first is 0.25 and the
+    # second one ulp less, so p01 would win. As a true tie, the better rc_rank (p02's 3 < 6) wins.
+    ranks = {"p01": (2, 6), "p02": (6, 3), "p03": (1, 1), "p04": (3, 2), "p05": (4, 4), "p06": (5, 5)}
+    cands = {"q1": [(p, 0.9 - 0.01 * i, ql, rc, 0.0) for i, (p, (ql, rc)) in enumerate(ranks.items())]}
+    wh_dir = write_upstream(tmp_path / "w", {"q1": ("p01", "question answering")}, cands)
+    build(wh_dir, weights={"ql": 0.3, "rc": 0.6, "knn": 0})
+    got = query(wh_dir, "select passage_id from fused_ranks order by fused_rank")
+    exact = {p: Fraction(3, 10 * ql) + Fraction(6, 10 * rc) for p, (ql, rc) in ranks.items()}
+    expected = sorted(ranks, key=lambda p: (-exact[p], ranks[p][1], p))
+    assert [p for (p,) in got] == expected
+    assert expected[:4] == ["p03", "p04", "p02", "p01"]
+
+
+def test_knn_only_weights_reproduce_the_encoder_order_without_llm_scores(tmp_path):
+    wh_dir = write_upstream(tmp_path / "w", unscored=LLM_SCORES)  # no LLM score at all: none is read
+    build(wh_dir, weights={"ql": 0, "rc": 0, "knn": 1})
+    got = query(wh_dir, "select fused_rank, knn_rank, fused_score, ql_rank, rc_rank from fused_ranks")
+    assert got and all(fused == knn and score == 1 / knn for fused, knn, score, _, _ in got)
+    assert {(ql, rc) for *_, ql, rc in got} == {(None, None)}
+
+
+def test_ql_only_weights_rank_by_ql_and_leave_rc_unread(tmp_path):
+    wh_dir = write_upstream(tmp_path / "w", unscored=("rc_logodds", "rc_rank"))
+    build(wh_dir, weights={"ql": 1, "rc": 0, "knn": 0})
+    got = query(wh_dir, "select fused_rank, ql_rank from fused_ranks")
+    assert got and all(fused == ql for fused, ql in got)
+    assert negatives(wh_dir) == {"q1": ["p05"], "q2": ["p09"], "q5": ["p20"]}  # the rest of the stage runs
+
+
+def test_a_weighted_signal_without_ranks_fails_naming_its_weight(tmp_path):
+    wh_dir = write_upstream(tmp_path / "w", unscored=("rc_logodds", "rc_rank"))
+    with pytest.raises(ModelError, match=r"select\.weights\.rc is above 0 but llm_scores has no rc_rank for query q\d"):
+        build(wh_dir)  # Gecko's default fuses RC
+    assert not wh.stage_path("triples", wh_dir).exists()
+    # The RC guard would pass every candidate without RC scores: it fails too instead of doing nothing.
+    with pytest.raises(ModelError, match=r"select\.max_negative_rc_logodds is set but llm_scores has no rc_logodds"):
+        build(wh_dir, weights={"ql": 1, "rc": 0, "knn": 0}, max_negative_rc_logodds=0.0)
+
+
+def test_rc_breaks_ties_only_when_fused(tmp_path):
+    # ql + knn: p01 = 1/2 + 1/1 and p02 = 1/1 + 1/2 tie. RC prefers p02, but RC is not fused, so the
+    # encoder's order (p01 first) breaks the tie.
+    cands = {"q1": [("p01", 0.9, 2, 2, 0.0), ("p02", 0.8, 1, 1, 0.0), ("p03", 0.7, 3, 3, 0.0)]}
+    wh_dir = write_upstream(tmp_path / "w", {"q1": ("p01", "question answering")}, cands)
+    build(wh_dir, weights={"ql": 1, "rc": 0, "knn": 1})
+    assert query(wh_dir, "select passage_id from fused_ranks order by fused_rank") == [("p01",), ("p02",), ("p03",)]
+
+
+def test_judge_weights_come_from_the_judge_metrics(warehouse, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # judge.metrics_path defaults to metrics/judge.json, relative
+    missing = r"select\.weights is 'judge' but metrics/judge\.json does not exist: run the judge stage"
+    with pytest.raises(ParamsError, match=missing):
+        build(warehouse, weights="judge")
+    metrics = tmp_path / "metrics" / "judge.json"
+    metrics.parent.mkdir()
+    metrics.write_text(json.dumps({"ndcg_at_10": {"ql": 0.5}}))
+    with pytest.raises(ParamsError, match=r"metrics/judge\.json has no best_weights object with keys ql, rc, knn"):
+        build(warehouse, weights="judge")
+    metrics.write_text(json.dumps({"best_weights": {"ql": 0.0, "rc": 0.0, "knn": 0.0}}))
+    with pytest.raises(ParamsError, match=r"best_weights is not usable: .*at least one of ql, rc, knn"):
+        build(warehouse, weights="judge")
+
+    metrics.write_text(json.dumps({"best_weights": {"ql": 0.0, "rc": 0.0, "knn": 0.5}}))
+    build(warehouse, weights="judge")
+    assert {fused == knn for fused, knn in query(warehouse, "select fused_rank, knn_rank from fused_ranks")} == {True}
+    metrics.write_text(json.dumps({"best_weights": {"ql": 1.0, "rc": 1.0, "knn": 0.0}}))
+    build(warehouse, weights="judge")
+    assert query(warehouse, FUSED) == query(warehouse, TWO_SIGNAL_FUSION.format(k=0))
+
+
 # ---------------------------------------------------------------- positives
 
 
@@ -336,6 +443,129 @@ def test_llm_relevance_guard_drops_candidates_rated_relevant(warehouse):
     assert negatives(warehouse)["q2"] == ["p09", "p07"]
 
 
+def test_report_shows_queries_the_guards_leave_without_negative(warehouse):
+    # Defaults (relative_margin 0.05): q1 loses p03 but keeps p04, p05; q3's only candidate p11 scores
+    # above 0.95 x its positive's, so q3 loses its negative to that guard.
+    build(warehouse)
+    rep = report(warehouse)
+    assert (rep["queries_with_candidates"], rep["queries_with_guarded_candidate"]) == (4, 2)
+    assert (rep["queries_without_eligible_candidate"], rep["queries_all_above_relative_margin"]) == (1, 1)
+    assert rep["queries_without_negative"] == 1
+
+    # relative_margin null (as params.yaml writes it) turns the guard off: q3 trains with p11.
+    params_file = warehouse / "params.yaml"
+    params_file.write_text("select:\n  relative_margin: null\n  keep_without_negative: false\n")
+    params = load_params(params_file)
+    assert params.select.relative_margin is None
+    build_models(SQL_DIR, stage="triples", variables=sql_variables(params), warehouse=warehouse)
+    rep = report(warehouse)
+    assert (rep["queries_with_guarded_candidate"], rep["queries_without_eligible_candidate"]) == (0, 0)
+    assert negatives(warehouse)["q3"] == ["p11"] and rep["queries_dropped"] == 1  # q4: no positive
+
+    # keep_without_negative keeps q3 without a negative while the guard is on.
+    build(warehouse, keep_without_negative=True)
+    assert query(warehouse, "select negative_id from triples where query_id = 'q3'") == [(None,)]
+
+
+# ---------------------------------------------------------------- query filters
+
+# Words: q1 and q2 are the same text once normalized; q1 copies all its words from its seed p01,
+# q2 one of four from p06; q3 has 3 words, q4 10; q5 copies 4 of 4 (repeats count) from p13.
+FILTER_QUERIES = {
+    "q1": "Who wrote the text?",
+    "q2": "  who WROTE the text ",
+    "q3": "Is it true?",
+    "q4": "a much longer query about nothing in particular at all",
+    "q5": "text of p13, text",
+}
+FILTER_PASSAGES = {"p01": "who wrote the text of p01"}
+FILTERS = (
+    "select query_id, n_words, seed_knn_rank, copy_rate, normalized_query, duplicate_of, outside_round_trip, "
+    "above_max_copy_rate, below_min_words, above_max_words, duplicate, kept from query_filters order by query_id"
+)
+FILTER_COUNTS = (
+    "queries_outside_round_trip", "queries_above_max_copy_rate", "queries_below_min_words",
+    "queries_above_max_words", "queries_duplicate", "queries_filtered",
+)  # fmt: skip
+
+
+@pytest.fixture()
+def filter_warehouse(tmp_path):
+    return write_upstream(tmp_path / "w", query_texts=FILTER_QUERIES, passage_texts=FILTER_PASSAGES)
+
+
+def filter_counts(warehouse: Path) -> tuple:
+    rep = report(warehouse)
+    return tuple(rep[k] for k in FILTER_COUNTS)
+
+
+def kept(warehouse: Path) -> list[str]:
+    """The queries that reach positives (and so triples)."""
+    return [q for (q,) in query(warehouse, "select query_id from positives order by query_id")]
+
+
+def test_query_filters_measure_every_query_and_are_off_by_default(filter_warehouse):
+    build(filter_warehouse, positive="seed")  # seed positives: every kept query, mined or not, gets one
+    off = (False, False, False, False)
+    assert query(filter_warehouse, FILTERS) == [
+        ("q1", 4, 1, 1.0, "who wrote the text", None, *off, False, True),
+        ("q2", 4, 1, 0.25, "who wrote the text", "q1", *off, False, True),  # a duplicate, not dropped while off
+        ("q3", 3, 2, 0.0, "is it true", None, *off, False, True),  # p11 outranks the seed p10
+        ("q4", 10, None, 0.0, "a much longer query about nothing in particular at all", None, *off, False, True),
+        ("q5", 4, 1, 1.0, "text of p13 text", None, *off, False, True),
+    ]
+    assert kept(filter_warehouse) == ["q1", "q2", "q3", "q4", "q5"]
+    assert filter_counts(filter_warehouse) == (0, 0, 0, 0, 0, 0)
+
+
+def test_round_trip_keeps_queries_whose_seed_the_encoder_ranks_in_its_top_k(filter_warehouse):
+    build(filter_warehouse, positive="seed", round_trip_top_k=1)
+    assert kept(filter_warehouse) == ["q1", "q2", "q5"]  # q3's seed is 2nd, q4's never mined
+    assert filter_counts(filter_warehouse) == (2, 0, 0, 0, 0, 2)
+    build(filter_warehouse, positive="seed", round_trip_top_k=2)
+    assert kept(filter_warehouse) == ["q1", "q2", "q3", "q5"]
+    assert filter_counts(filter_warehouse) == (1, 0, 0, 0, 0, 1)
+
+
+def test_copy_rate_limit_drops_queries_copied_from_their_seed(filter_warehouse):
+    build(filter_warehouse, positive="seed", max_copy_rate=0.5)
+    assert kept(filter_warehouse) == ["q2", "q3", "q4"]  # q1 and q5 copy every word
+    assert filter_counts(filter_warehouse) == (0, 2, 0, 0, 0, 2)
+    build(filter_warehouse, positive="seed", max_copy_rate=1.0)  # the limit itself is allowed
+    assert filter_counts(filter_warehouse) == (0, 0, 0, 0, 0, 0)
+
+
+def test_length_limits_drop_short_and_long_queries(filter_warehouse):
+    build(filter_warehouse, positive="seed", min_query_words=4)
+    assert kept(filter_warehouse) == ["q1", "q2", "q4", "q5"]
+    build(filter_warehouse, positive="seed", min_query_words=4, max_query_words=4)
+    assert kept(filter_warehouse) == ["q1", "q2", "q5"]
+    assert filter_counts(filter_warehouse) == (0, 0, 1, 1, 0, 2)
+
+
+def test_duplicates_keep_the_first_query_the_other_filters_keep(filter_warehouse):
+    build(filter_warehouse, positive="seed", drop_duplicate_queries=True)
+    assert kept(filter_warehouse) == ["q1", "q3", "q4", "q5"]  # q2 repeats q1
+    assert filter_counts(filter_warehouse) == (0, 0, 0, 0, 1, 1)
+    # q1 copies its seed: once the copy filter drops it, q2 is the first of that text and stays.
+    build(filter_warehouse, positive="seed", drop_duplicate_queries=True, max_copy_rate=0.5)
+    assert kept(filter_warehouse) == ["q2", "q3", "q4"]
+    assert filter_counts(filter_warehouse) == (0, 2, 0, 0, 0, 2)
+
+
+def test_a_query_failing_several_filters_counts_under_each_and_once_in_total(filter_warehouse):
+    # q4: seed never mined and 10 words; q3: seed 2nd and 3 words; q5: copies its seed.
+    build(filter_warehouse, positive="seed", round_trip_top_k=1, max_query_words=5, min_query_words=4,
+          max_copy_rate=0.5)  # fmt: skip
+    assert kept(filter_warehouse) == ["q2"]
+    assert filter_counts(filter_warehouse) == (2, 2, 1, 1, 0, 4)
+    # Filtered queries reach no downstream model and count as dropped.
+    assert query(filter_warehouse, "select distinct query_id from triples") == [("q2",)]
+    assert query(filter_warehouse, "select distinct query_id from negative_candidates") == [("q2",)]
+    rep = report(filter_warehouse)
+    assert (rep["queries"], rep["queries_with_positive"], rep["queries_dropped"]) == (5, 1, 4)
+
+
 # ---------------------------------------------------------------- triples and the report
 
 
@@ -419,7 +649,10 @@ def test_unknown_strategy_in_variables_is_a_build_error(warehouse):
 @pytest.mark.parametrize(
     "bad",
     [{"range_min": -1}, {"range_min": 3, "range_max": 3}, {"num_negatives": 0}, {"relative_margin": 1.0},
-     {"relative_margin": -0.1}, {"negative": "hardest"}, {"positive": "p2"}, {"rrf_k": -1}],
+     {"relative_margin": -0.1}, {"negative": "hardest"}, {"positive": "p2"}, {"rrf_k": -1},
+     {"weights": {"ql": -1}}, {"weights": {"ql": 0, "rc": 0, "knn": 0}}, {"weights": {"ql": 0, "rc": 1e-7}},
+     {"weights": {"bm25": 1}}, {"weights": "best"}, {"weights": {"knn": float("inf")}}, {"round_trip_top_k": 0},
+     {"max_copy_rate": 1.5}, {"min_query_words": 0}, {"min_query_words": 5, "max_query_words": 4}],
 )  # fmt: skip
 def test_select_params_reject_out_of_range_values(bad):
     with pytest.raises(ValidationError):
@@ -429,6 +662,20 @@ def test_select_params_reject_out_of_range_values(bad):
 def test_select_defaults_follow_gecko():
     params = SelectParams()
     assert (params.rrf_k, params.positive, params.negative, params.num_negatives) == (0, "fused", "lowest", 1)
+    assert params.weights.model_dump() == {"ql": 1.0, "rc": 1.0, "knn": 0.0}
+    filters = (params.round_trip_top_k, params.max_copy_rate, params.min_query_words, params.max_query_words)
+    assert filters == (None, None, None, None) and not params.drop_duplicate_queries
+
+
+def test_select_weights_read_from_params_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("select:\n  weights: {ql: 0.25, knn: 1}\n")
+    assert load_params(path).select.weights.model_dump() == {"ql": 0.25, "rc": 1.0, "knn": 1.0}
+    path.write_text("select:\n  weights: judge\n")
+    assert load_params(path).select.weights == "judge"
+    path.write_text("select:\n  weights: {ql: 0, rc: 0}\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml:2: select\.weights"):
+        load_params(path)
 
 
 # ---------------------------------------------------------------- README's "questions you can ask"
