@@ -9,6 +9,8 @@
   leading space (which spelling a model prefers depends on its chat template; summing the set makes
   the score independent of that); "no" likewise.
 
+`score.methods` picks which of the two are computed; a method left out gets NULL scores and ranks.
+
 Prompts come from `prompts/score.jinja` and put the passage first, so all the prompts of one passage
 (both methods, every query that retrieved it) start with the same tokens. `PrefixScorer` runs that
 shared prefix once per passage, repeats its KV cache across a batch of the passage's prompts and
@@ -18,7 +20,8 @@ rounding; tests/test_scoring.py checks it.
 
 Each prompt is one LLM-cache entry (key: model identity, full prompt, method, `METHOD_VERSION`),
 written per forward batch: a re-run, a resume after a crash or a change to selection or training
-parameters scores nothing twice, and editing only the RC prompt leaves the QL scores cached.
+parameters scores nothing twice, and editing only the RC prompt leaves the QL scores cached. Dropping
+a method from `score.methods` (or adding it back) reuses every cached prompt of the other.
 
 Heavy imports (torch, transformers) happen inside functions: only stages import this.
 """
@@ -66,6 +69,7 @@ SCORES_SCHEMA = pa.schema(
 
 # Ranks within each query, 1 = best. Sum and mean of QL rank alike (a query has the same tokens
 # whatever the passage); ties go to the encoder's order, then the id, so every build agrees.
+# A method not computed (`score.methods`) has NULL scores, and so NULL ranks.
 RANK_SQL = """
 select
     query_id,
@@ -74,8 +78,10 @@ select
     ql_sum,
     ql_mean,
     rc_logodds,
-    row_number() over (partition by query_id order by ql_sum desc, knn_rank, passage_id) as ql_rank,
-    row_number() over (partition by query_id order by rc_logodds desc, knn_rank, passage_id) as rc_rank,
+    if(ql_sum is null, null, row_number() over (partition by query_id order by ql_sum desc, knn_rank, passage_id))
+        as ql_rank,
+    if(rc_logodds is null, null,
+        row_number() over (partition by query_id order by rc_logodds desc, knn_rank, passage_id)) as rc_rank,
     ql_tokens,
     llm,
     prompt_hash
@@ -147,7 +153,7 @@ def clip_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
 def build_requests(
     pairs: pa.Table, llm: "LLM", params: ScoreParams, template: ScoreTemplate
 ) -> list[ScoreRequest]:
-    """Two requests (QL, RC) per pair, with their prompts and cache keys.
+    """One request per pair and method of `params.methods` (QL, RC), with its prompt and cache key.
 
     Args:
         pairs: query_id, passage_id, knn_rank, task, query, title, text (one row per mined pair).
@@ -160,11 +166,13 @@ def build_requests(
         if pid not in clipped:
             clipped[pid] = clip_tokens(llm.tokenizer, row["text"], params.max_passage_tokens)
         args = (llm, row["title"], clipped[pid], row["task"], row["query"])
-        ql_prompt, ql_start = template.query_likelihood(*args)
-        rc_prompt = template.relevance(*args)
         ids = (row["query_id"], pid, row["knn_rank"])
-        requests.append(ScoreRequest(*ids, QL, ql_prompt, ql_start, _key(llm, QL, ql_prompt)))
-        requests.append(ScoreRequest(*ids, RC, rc_prompt, len(rc_prompt), _key(llm, RC, rc_prompt, answers)))
+        if QL in params.methods:
+            ql_prompt, ql_start = template.query_likelihood(*args)
+            requests.append(ScoreRequest(*ids, QL, ql_prompt, ql_start, _key(llm, QL, ql_prompt)))
+        if RC in params.methods:
+            rc_prompt = template.relevance(*args)
+            requests.append(ScoreRequest(*ids, RC, rc_prompt, len(rc_prompt), _key(llm, RC, rc_prompt, answers)))
     return requests
 
 
@@ -356,7 +364,8 @@ def score_relevance(
     on_batch: Callable[[int], None] | None = None,
     scorer: PrefixScorer | None = None,
 ) -> ScoringResult:
-    """QL and RC for every pair, through the LLM cache, ranked within each query; see the module docstring.
+    """QL and/or RC (`params.methods`) for every pair, through the LLM cache, ranked within each query;
+    see the module docstring.
 
     Args:
         pairs: query_id, passage_id, knn_rank, task, query, title, text (one row per mined pair).
@@ -375,8 +384,11 @@ def score_relevance(
     # Whole groups (cached prompts included) are tokenized and cut into batches, exactly as in an
     # uninterrupted run; batches already cached are skipped. A resumed run thus computes each missing
     # prompt in the same batch, beside the same prompts, as a run that never stopped, and so gets the
-    # same floats (padding and prefix length change the rounding).
+    # same floats (padding and prefix length change the rounding). Batches hold one method each, so
+    # a method's batches are the same whether or not the other method is computed; only the shared
+    # prefix can grow without it, which changes nothing but rounding.
     groups = _work_units(scorer, unique, todo)
+    per_pair = len(params.methods)  # prompts per pair
     bar = _progress_bar(len(todo), progress)
     rows_before, tokens_before, prompt_tokens_before = scorer.forward_rows, scorer.forward_tokens, scorer.prompt_tokens
     score_started = time.perf_counter()
@@ -387,7 +399,7 @@ def score_relevance(
             batches += 1
             if on_batch is not None:
                 on_batch(batches)
-            _advance(bar, len(values), time.perf_counter() - score_started)
+            _advance(bar, len(values), per_pair, time.perf_counter() - score_started)
     if bar is not None:
         bar.close()
     score_seconds = time.perf_counter() - score_started
@@ -404,7 +416,7 @@ def score_relevance(
         "forward_tokens": scorer.forward_tokens - tokens_before,  # run through the model
         "score_seconds": score_seconds,
         "seconds": time.perf_counter() - started,
-        "pairs_per_s": computed / 2 / score_seconds if computed and score_seconds > 0 else 0.0,
+        "pairs_per_s": computed / per_pair / score_seconds if computed and score_seconds > 0 else 0.0,
     }
     return ScoringResult(scores, stats)
 
@@ -461,9 +473,9 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="llm_scores", unit="prompt", dynamic_ncols=True)
 
 
-def _advance(bar, n: int, seconds: float) -> None:
+def _advance(bar, n: int, per_pair: int, seconds: float) -> None:
     if bar is None:
         return
     # One refresh per batch: the postfix is set quietly, then update() redraws.
-    bar.set_postfix_str(f"{(bar.n + n) / 2 / max(seconds, 1e-9):.2f} pairs/s", refresh=False)
+    bar.set_postfix_str(f"{(bar.n + n) / per_pair / max(seconds, 1e-9):.2f} pairs/s", refresh=False)
     bar.update(n)

@@ -1,8 +1,9 @@
 """Stage `llm_scores`: the LLM scores every mined (query, passage) pair by QL and RC (Gecko's relabelling).
 
 Table in `warehouse/llm_scores.duckdb`: `llm_scores` (query_id, passage_id, knn_rank, ql_sum,
-ql_mean, rc_logodds, ql_rank, rc_rank, ql_tokens, llm, prompt_hash). Every prompt goes through the
-LLM cache in `llm.cache_path`. Run from the repository root: `python -m python_steps.llm_scores`.
+ql_mean, rc_logodds, ql_rank, rc_rank, ql_tokens, llm, prompt_hash); the columns of a method left out
+of `score.methods` are NULL. Every prompt goes through the LLM cache in `llm.cache_path`.
+Run from the repository root: `python -m python_steps.llm_scores`.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def summary(stats: dict, rows: int, llm, params, load_s: float, total_s: float) 
     """One screen: rows written, cache use, time and throughput."""
     s = stats
     rate = f"{s['pairs_per_s']:.2f} pairs/s" if s["computed"] else "nothing to score"
+    methods = " + ".join(m.upper() for m in params.score.methods)
     return "\n".join(
         [
-            f"{STAGE}: {rows:,} scored pairs ({s['prompts']:,} prompts: QL + RC) in {total_s:.2f} s",
+            f"{STAGE}: {rows:,} scored pairs ({s['prompts']:,} prompts: {methods}) in {total_s:.2f} s",
             f"  llm {llm.identity} on {llm.device.type}, loaded in {load_s:.2f} s; "
             f"batch {params.score.batch_size}, passages cut at {params.score.max_passage_tokens} tokens",
             f"  llm cache: {s['cached']:,} hits, {s['computed']:,} prompts scored over {s['passages']:,} passages "

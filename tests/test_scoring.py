@@ -204,30 +204,33 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_after_crash_redoes_no_finished_prompt(tiny_llm, template, tmp_path):
-    expected = score_relevance(make_pairs(), tiny_llm, PARAMS, LLMCache(None), template, progress=False).scores
+@pytest.mark.parametrize("methods", [["ql", "rc"], ["ql"]])
+def test_resume_after_crash_redoes_no_finished_prompt(tiny_llm, template, tmp_path, methods):
+    params = PARAMS.model_copy(update={"methods": methods})
+    prompts = len(methods) * len(PAIRS)
+    expected = score_relevance(make_pairs(), tiny_llm, params, LLMCache(None), template, progress=False).scores
     path = tmp_path / "llm.duckdb"
     first = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
 
     def crash_after_one(batches: int) -> None:
-        if batches == 1:  # passage p1 has 6 prompts = 2 batches: the crash falls inside its group
+        if batches == 1:  # QL + RC: passage p1 has 6 prompts = 2 batches, the crash falls inside its group
             raise Crash
 
     with LLMCache(path) as cache, pytest.raises(Crash):
-        score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False,
+        score_relevance(make_pairs(), tiny_llm, params, cache, template, progress=False,
                         on_batch=crash_after_one, scorer=first)  # fmt: skip
-    assert 0 < first.forward_rows < 2 * len(PAIRS)
+    assert 0 < first.forward_rows < prompts
 
     second = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
     with LLMCache(path) as cache:
-        resumed = score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False, scorer=second)
-    assert second.forward_rows == 2 * len(PAIRS) - first.forward_rows  # nothing finished is redone
+        resumed = score_relevance(make_pairs(), tiny_llm, params, cache, template, progress=False, scorer=second)
+    assert second.forward_rows == prompts - first.forward_rows  # nothing finished is redone
     assert resumed.stats["cached"] == first.forward_rows
 
     third = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
     with LLMCache(path) as cache:
-        again = score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False, scorer=third)
-    assert third.forward_rows == 0 and again.stats["cached"] == 2 * len(PAIRS)
+        again = score_relevance(make_pairs(), tiny_llm, params, cache, template, progress=False, scorer=third)
+    assert third.forward_rows == 0 and again.stats["cached"] == prompts
     # Bit for bit: the resumed prompts ran in the same batches, after the same prefix, as without the crash.
     assert again.scores.to_pylist() == expected.to_pylist()
 
@@ -243,7 +246,38 @@ def test_editing_the_rc_prompt_keeps_ql_cached(tiny_llm, template, tmp_path):
     assert result.stats["cached"] == len(PAIRS) and scorer.forward_rows == len(PAIRS)  # the RC prompts only
 
 
-def make_project(root: Path, model_dir: Path) -> None:
+def test_ql_only_scores_half_the_prompts_and_leaves_rc_null(tiny_llm, template, tmp_path):
+    ql_only = PARAMS.model_copy(update={"methods": ["ql"]})
+    both = score_relevance(make_pairs(), tiny_llm, PARAMS, LLMCache(None), template, progress=False).scores
+    scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+    with LLMCache(tmp_path / "llm.duckdb") as cache:
+        result = score_relevance(make_pairs(), tiny_llm, ql_only, cache, template, progress=False, scorer=scorer)
+    assert scorer.forward_rows == len(PAIRS) and result.stats["prompts"] == len(PAIRS)
+    for row, full in zip(result.scores.to_pylist(), both.to_pylist()):
+        assert (row["query_id"], row["passage_id"]) == (full["query_id"], full["passage_id"])
+        assert row["rc_logodds"] is None and row["rc_rank"] is None
+        assert row["ql_sum"] == pytest.approx(full["ql_sum"], abs=1e-4) and row["ql_rank"] == full["ql_rank"]
+
+
+def test_switching_methods_reuses_the_cached_prompts(tiny_llm, template, tmp_path):
+    ql_only = PARAMS.model_copy(update={"methods": ["ql"]})
+    with LLMCache(tmp_path / "llm.duckdb") as cache:
+        score_relevance(make_pairs(), tiny_llm, ql_only, cache, template, progress=False)
+        scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+        both = score_relevance(make_pairs(), tiny_llm, PARAMS, cache, template, progress=False, scorer=scorer)
+        assert both.stats["cached"] == len(PAIRS) and scorer.forward_rows == len(PAIRS)  # only RC was scored
+        scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+        again = score_relevance(make_pairs(), tiny_llm, ql_only, cache, template, progress=False, scorer=scorer)
+    assert scorer.forward_rows == 0 and again.stats["cached"] == len(PAIRS)
+
+
+@pytest.mark.parametrize("methods", [[], ["ql", "ql"], ["bm25"]])
+def test_methods_param_rejects_empty_repeated_or_unknown(methods):
+    with pytest.raises(ValueError, match="methods"):
+        ScoreParams(methods=methods)
+
+
+def make_project(root: Path, model_dir: Path, score: str = "{batch_size: 4, max_passage_tokens: 40}") -> None:
     """params.yaml, the prompt file and the three upstream stage files of a tiny project."""
     from pipeline.warehouse import write_stage, write_table
 
@@ -252,7 +286,7 @@ def make_project(root: Path, model_dir: Path) -> None:
             f"""\
             base: {{threads: 1, device: cpu}}
             llm: {{model: {model_dir}, dtype: float32, cache_path: cache/llm.duckdb}}
-            score: {{batch_size: 4, max_passage_tokens: 40}}
+            score: {score}
             """
         )
     )
@@ -310,6 +344,23 @@ def test_stage_end_to_end_and_cached_rerun(tiny_llm_dir, tmp_path, monkeypatch, 
     fused = con.execute((ROOT / "sql" / "fused_ranks.sql").read_text()).fetchall()
     con.close()
     assert len(fused) == len(PAIRS)
+
+
+def test_stage_ql_only_writes_null_rc(tiny_llm_dir, tmp_path, monkeypatch, capsys):
+    from python_steps import llm_scores
+
+    make_project(tmp_path, tiny_llm_dir, score="{batch_size: 4, max_passage_tokens: 40, methods: [ql]}")
+    monkeypatch.chdir(tmp_path)
+    llm_scores.main()
+    assert f"({len(PAIRS)} prompts: QL)" in capsys.readouterr().out
+    con = duckdb.connect(str(tmp_path / "warehouse" / "llm_scores.duckdb"), read_only=True)
+    counts = con.execute(
+        "SELECT count(*), count(ql_sum), count(ql_rank), count(rc_logodds), count(rc_rank) FROM llm_scores"
+    ).fetchone()
+    types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE llm_scores)").fetchall())
+    con.close()
+    assert counts == (len(PAIRS), len(PAIRS), len(PAIRS), 0, 0)
+    assert types["rc_logodds"] == "DOUBLE" and types["rc_rank"] == "BIGINT"  # typed NULLs, same schema
 
 
 @pytest.mark.slow
