@@ -15,12 +15,20 @@ query with several relevant passages), or it is q_i itself, or it is a missing h
 In data-parallel training B is the global batch: `pipeline.training` gathers every rank's
 embeddings before `compute_loss_from_embeddings`, so the candidates and the mask span all ranks.
 
+`DistillLoss` is the optional soft-label term (GPL / UPR style): over a few of each query's
+LLM-scored candidates it matches the encoder's softmax to the LLM's,
+
+    D_i = KL( softmax(t_i / T_teacher) || softmax(cos(q_i, c_i) / temperature) ),
+
+averaged over queries and, like the contrastive loss, over the Matryoshka dimensions.
+
 Imported only by the train stage (torch loads at import time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,3 +156,152 @@ class GeckoLoss(torch.nn.Module):
             logits = logits.masked_fill(~mask, float("-inf"))
             losses.append(F.cross_entropy(logits, target))
         return torch.stack(losses).mean()
+
+
+# --- soft-label distillation ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One LLM-scored candidate passage of a query (a row of table `distill_candidates`).
+
+    Attributes:
+        passage_id: the passage; equal ids share one embedding within a batch.
+        passage: the text the encoder embeds (unified format).
+        score: the teacher's score (higher = more relevant).
+    """
+
+    passage_id: str
+    passage: str
+    score: float
+
+
+def sample_candidates(pool: Sequence[Candidate], k: int, keep: Sequence[str | None], rng: random.Random) -> list[Candidate]:
+    """k candidates of `pool`: those whose id is in `keep` (when present), the rest drawn uniformly.
+
+    Keeping the positive and the hard negative puts the pairs the contrastive loss already embeds
+    into the list, so their embeddings are reused and the list always spans good and bad.
+
+    Args:
+        pool: a query's candidates in a fixed order (the draw depends on it).
+        keep: ids always taken when in the pool (None entries are ignored).
+        rng: drawn from in a fixed pattern, so one seed gives one sample.
+
+    Returns:
+        At most k candidates, the kept ones first, then the drawn ones in pool order.
+    """
+    kept = {pid for pid in keep if pid is not None}
+    wanted = [i for i, c in enumerate(pool) if c.passage_id in kept][:k]
+    rest = [i for i in range(len(pool)) if i not in wanted]
+    drawn = rng.sample(rest, min(len(rest), k - len(wanted)))
+    return [pool[i] for i in wanted + sorted(drawn)]
+
+
+class DistillLoss(torch.nn.Module):
+    """Listwise KL from the teacher's softmax over sampled candidates to the encoder's.
+
+    Args:
+        temperature: student logits are cosine / temperature (the contrastive loss's).
+        teacher_temperature: teacher logits are score / teacher_temperature.
+        num_candidates: candidates per query (`train.distill_candidates`).
+        mrl_dims: leading sub-dimensions also matched (each re-normalised); the full one is implied.
+    """
+
+    def __init__(
+        self, temperature: float, teacher_temperature: float, num_candidates: int, mrl_dims: Sequence[int] = ()
+    ) -> None:
+        super().__init__()
+        if temperature <= 0 or teacher_temperature <= 0:
+            raise ValueError(f"temperatures must be > 0, got {temperature} and {teacher_temperature}")
+        if num_candidates < 2:
+            raise ValueError(f"a distribution needs at least 2 candidates, got {num_candidates}")
+        self.temperature = temperature
+        self.teacher_temperature = teacher_temperature
+        self.num_candidates = num_candidates
+        self.mrl_dims = list(mrl_dims)
+
+    def forward(
+        self,
+        encoder,
+        batch: Sequence[Example],
+        pools: Mapping[str, Sequence[Candidate]],
+        embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        rng: random.Random,
+    ) -> torch.Tensor:
+        """The term for a batch whose q, p, n (`GeckoLoss.embed`) are already computed.
+
+        Only candidates that are no positive or hard negative of the batch are embedded here.
+
+        Args:
+            pools: a query's candidates, keyed by the formatted query (`Example.query`).
+            rng: draws the candidates (seed it per step for a repeatable run).
+        """
+        q, p, n = embeddings
+        rows, lists = self.sample(batch, pools, rng)
+        if not rows:
+            return q.new_zeros(())  # no query with a list in this batch: nothing to match
+        c, teacher, valid = self._gather(encoder, batch, lists, p, n)
+        return self.compute_loss_from_embeddings(q[rows], c, teacher, valid)
+
+    def sample(
+        self, batch: Sequence[Example], pools: Mapping[str, Sequence[Candidate]], rng: random.Random
+    ) -> tuple[list[int], list[list[Candidate]]]:
+        """(batch rows with at least 2 candidates, each one's sampled list), one draw per row in order."""
+        rows, lists = [], []
+        for i, example in enumerate(batch):
+            picked = sample_candidates(
+                pools.get(example.query, ()), self.num_candidates, (example.positive_id, example.negative_id), rng
+            )
+            if len(picked) >= 2:  # one candidate is a certain softmax: it teaches nothing
+                rows.append(i)
+                lists.append(picked)
+        return rows, lists
+
+    @staticmethod
+    def _gather(encoder, batch, lists, p, n) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidate embeddings (R, k, d), teacher scores (R, k) and validity (R, k), padded to k."""
+        vectors = _embeddings_by_id(encoder, batch, lists, p, n)
+        width = max(len(cands) for cands in lists)
+        zero = p.new_zeros(p.shape[1])
+        c = torch.stack([torch.stack([vectors[x.passage_id] for x in cands] + [zero] * (width - len(cands))) for cands in lists])
+        teacher = [[x.score for x in cands] + [0.0] * (width - len(cands)) for cands in lists]
+        valid = [[True] * len(cands) + [False] * (width - len(cands)) for cands in lists]
+        return c, torch.tensor(teacher, device=p.device), torch.tensor(valid, device=p.device)
+
+    def compute_loss_from_embeddings(
+        self, q: torch.Tensor, c: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """The mean KL(teacher || student) from queries q (R, d), candidates c (R, k, d), scores (R, k).
+
+        `valid` (R, k) marks real candidates; padding takes no probability on either side.
+        """
+        target = (teacher.float() / self.teacher_temperature).masked_fill(~valid, float("-inf"))
+        log_teacher = F.log_softmax(target, dim=1)
+        losses = []
+        for dim in mrl_dims(q.shape[1], self.mrl_dims):
+            qk = F.normalize(q[:, :dim], dim=1)
+            ck = F.normalize(c[..., :dim], dim=-1)
+            logits = torch.einsum("rd,rkd->rk", qk, ck) / self.temperature
+            log_student = F.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=1)
+            # where(), not a product: padding is -inf on both sides, and 0 * (-inf) would be nan.
+            pointwise = torch.where(valid, log_teacher.exp() * (log_teacher - log_student), 0.0)
+            losses.append(pointwise.sum(dim=1).mean())
+        return torch.stack(losses).mean()
+
+
+def _embeddings_by_id(encoder, batch: Sequence[Example], lists: Sequence[Sequence[Candidate]], p, n) -> dict[str, torch.Tensor]:
+    """An embedding for every listed passage id: the batch's own p / n rows where they match.
+
+    Only the candidates that are no positive or hard negative of the batch go through the encoder,
+    each once, in one forward pass.
+    """
+    known: dict[str, torch.Tensor] = {}
+    for j, example in enumerate(batch):
+        if example.negative_id is not None and example.negative is not None:
+            known.setdefault(example.negative_id, n[j])
+        known[example.positive_id] = p[j]  # a positive wins over a negative copy: same passage
+    extra = {c.passage_id: c.passage for cands in lists for c in cands if c.passage_id not in known}
+    if extra:
+        embedded = encoder.embed(list(extra.values()))
+        known.update(zip(extra, embedded))
+    return known

@@ -1,7 +1,9 @@
 """Contrastive fine-tuning of the encoder on the `triples` table (Gecko's recipe).
 
-`read_triples` / `read_pairs` turn rows into `Example`s in the unified format, `train` runs AdamW
-with warmup + linear decay on `GeckoLoss`, and `write_model` saves a sentence-transformers folder
+`read_triples` / `read_pairs` turn rows into `Example`s in the unified format, `read_candidates`
+reads the LLM-scored candidate lists of the optional distillation term, `train` runs AdamW with
+warmup + linear decay on `GeckoLoss` (+ `DistillLoss`), optionally keeping the best step on dev
+sets (`pipeline.model_selection`), and `write_model` saves a sentence-transformers folder
 with a model card and the training config beside the weights (as nanoGPT keeps its config in the
 checkpoint). Same params and seed give identical weights on CPU in float32.
 
@@ -18,7 +20,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.losses import Example, GeckoLoss, candidate_mask, mrl_dims
+from pipeline.losses import Candidate, DistillLoss, Example, GeckoLoss, candidate_mask, mrl_dims
+from pipeline.model_selection import ModelSelector, Scorer
 
 TRIPLES_COLUMNS = [
     "query_id", "task_type", "task", "query", "positive_id", "positive_title", "positive_text",
@@ -55,6 +58,9 @@ class TrainResult:
     seconds: float  # the optimisation loop only (no loading or saving)
     losses: list[float] = field(repr=False)
     world_size: int = 1  # processes that trained together (torchrun); examples counts them all
+    distill_losses: list[float] = field(default_factory=list, repr=False)  # the KL term per step, when on
+    # Model selection (train.eval_every): ModelSelector.summary(), with best_step (0 = the base won).
+    selection: dict[str, Any] | None = None
 
     @property
     def examples_per_s(self) -> float:
@@ -63,8 +69,17 @@ class TrainResult:
     @property
     def final_loss(self) -> float:
         """Mean of the last 10 steps' losses: one step's loss is too noisy to compare runs by."""
-        tail = self.losses[-10:]
-        return sum(tail) / len(tail) if tail else float("nan")
+        return _tail_mean(self.losses)
+
+    @property
+    def final_distill_loss(self) -> float | None:
+        """Mean of the last 10 steps' distillation terms; None when distillation was off."""
+        return _tail_mean(self.distill_losses) if self.distill_losses else None
+
+
+def _tail_mean(values: Sequence[float], n: int = 10) -> float:
+    tail = values[-n:]
+    return sum(tail) / len(tail) if tail else float("nan")
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -164,6 +179,44 @@ def read_pairs(path: str | Path, min_score: float, task: str, text_format, symme
                 )
             )
     return out
+
+
+def read_candidates(path: str | Path, text_format) -> dict[str, list[Candidate]]:
+    """Read table `distill_candidates` into each query's candidate list, keyed by the formatted query.
+
+    Keyed by `Example.query` (the text the encoder sees) because examples carry no query id; a
+    query text written twice under two ids was mined and scored as the same text, so the first
+    id's list serves both. Lists are in passage_id order, which the seeded draws depend on.
+
+    Raises:
+        ValueError: the table is missing (triples built before distillation existed) or empty.
+    """
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        tables = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        if "distill_candidates" not in tables:
+            raise ValueError(f"{path}: no table distill_candidates: rebuild it with `dvc repro triples`")
+        rows = con.execute(
+            "SELECT query_id, task, query, passage_id, teacher_score FROM distill_candidates ORDER BY query_id, passage_id"
+        ).fetchall()
+        # Each passage's text once, however many queries list it.
+        texts = {
+            pid: text_format.passage(title, text)
+            for pid, title, text in con.execute("SELECT DISTINCT passage_id, title, text FROM distill_candidates").fetchall()
+        }
+    finally:
+        con.close()
+    if not rows:
+        raise ValueError(f"{path}: table distill_candidates is empty")
+    pools: dict[str, list[Candidate]] = {}
+    owner: dict[str, Any] = {}
+    for query_id, task, query, passage_id, score in rows:
+        key = text_format.query(task, query)
+        if owner.setdefault(key, query_id) == query_id:
+            pools.setdefault(key, []).append(Candidate(str(passage_id), texts[passage_id], float(score)))
+    return pools
 
 
 def mix_in(examples: list[Example], extra: list[Example], fraction: float, seed: int) -> list[Example]:
@@ -435,7 +488,61 @@ def batch_loss(loss_fn: GeckoLoss, encoder, batch: Sequence[Example], world: Wor
     return loss_fn.compute_loss_from_embeddings(q, p, n, candidate_mask(batch).to(q.device))
 
 
-def train(encoder, examples: Sequence[Example], params, *, seed: int, live=None, progress: bool = False) -> TrainResult:
+@dataclass(frozen=True)
+class Distillation:
+    """The soft-label term as `train` adds it: weight x `DistillLoss` over each query's candidates."""
+
+    loss: DistillLoss
+    weight: float
+    pools: Mapping[str, Sequence[Candidate]]  # `read_candidates`: formatted query -> candidates
+    seed: int
+
+    def rng(self, step: int) -> random.Random:
+        """The candidate draws of `step`, fixed by base.seed and the step alone.
+
+        `random.Random` hashes a string seed with SHA-512, the same in every process and Python
+        version; a private generator leaves torch's dropout and data-order draws untouched.
+        """
+        return random.Random(f"distill:{self.seed}:{step}")
+
+
+def distillation(params, pools: Mapping[str, Sequence[Candidate]] | None, seed: int, world: World) -> Distillation | None:
+    """The term for `params` (`TrainParams`); None at distill_weight 0, so training stays bit for bit the contrastive one.
+
+    Raises:
+        ValueError: distillation asked for without candidate lists, or under data parallelism.
+    """
+    if params.distill_weight == 0:
+        return None
+    if world.size > 1:
+        raise ValueError("train.distill_weight > 0 trains in one process only: run without torchrun (nproc_per_node: 1)")
+    if not pools:
+        raise ValueError("train.distill_weight > 0 needs the candidate lists of table distill_candidates")
+    loss = DistillLoss(params.temperature, params.distill_temperature, params.distill_candidates, params.mrl_dims)
+    return Distillation(loss, params.distill_weight, pools, seed)
+
+
+def distilled_loss(
+    loss_fn: GeckoLoss, distill: Distillation, encoder, batch: Sequence[Example], step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, KL term) of a batch: contrastive + weight x distillation on one set of q, p, n embeddings."""
+    q, p, n = loss_fn.embed(encoder, batch)
+    contrastive = loss_fn.compute_loss_from_embeddings(q, p, n, candidate_mask(batch).to(q.device))
+    term = distill.loss(encoder, batch, distill.pools, (q, p, n), distill.rng(step))
+    return contrastive + distill.weight * term, term
+
+
+def train(
+    encoder,
+    examples: Sequence[Example],
+    params,
+    *,
+    seed: int,
+    live=None,
+    progress: bool = False,
+    candidates: Mapping[str, Sequence[Candidate]] | None = None,
+    dev: Scorer | None = None,
+) -> TrainResult:
     """Fine-tune `encoder.module` in place on `examples` with Gecko's loss.
 
     Under torchrun (inside `distributed`) every rank draws the same global batches from the same
@@ -449,9 +556,13 @@ def train(encoder, examples: Sequence[Example], params, *, seed: int, live=None,
         seed: `base.seed`; it fixes dropout and the data order.
         live: a dvclive `Live` (or None); gets train/loss, train/lr, train/grad_norm per step.
         progress: show a tqdm bar (examples/s) on stderr.
+        candidates: `read_candidates`' lists; needed when params.distill_weight > 0.
+        dev: encoder -> {dev set: score} (a `DevScorer`); with params.eval_every set, the weights of
+            the best-scoring step (0 = before training) are left in `encoder` instead of the last.
     """
     mrl_dims(encoder.dim, params.mrl_dims)  # fail before any work when a dimension is too large
     world = World.current()
+    distill = distillation(params, candidates, seed, world)
     total, warmup = plan_steps(len(examples), params.epochs, params.max_steps, params.batch_size, params.warmup_ratio)
     seed_everything(seed + world.rank)  # only dropout differs by rank; rank 0 matches one process
     lengths = example_lengths(encoder, examples) if params.group_by_length else None
@@ -461,42 +572,68 @@ def train(encoder, examples: Sequence[Example], params, *, seed: int, live=None,
         _broadcast_weights(encoder.module)
     optimizer = make_optimizer(encoder.module, params.lr, params.weight_decay)
     bar = _progress_bar(planned_examples(len(examples), params.batch_size, total), encoder.name) if progress else None
+    selector = ModelSelector(dev, params.eval_every, total, live) if dev is not None and params.eval_every else None
     losses: list[float] = []
+    distill_losses: list[float] = []
     seen = 0
     encoder.module.train()  # dropout on, as in BERT's and sentence-transformers' fine-tuning
     started = time.perf_counter()
     try:
+        if selector is not None:
+            selector.evaluate(encoder, 0)  # the base is a candidate: training may never beat it
         for step, rows in enumerate(order):
             lr = get_lr(step, total, warmup, params.lr)
             batch = [examples[i] for i in rows]
-            loss, grad_norm = _step(encoder, loss_fn, optimizer, batch, lr, params.max_grad_norm, world)
+            loss, grad_norm, term = _step(encoder, loss_fn, optimizer, batch, lr, params.max_grad_norm, world, distill, step)
             losses.append(loss)
             if not math.isfinite(loss):
                 raise ValueError(f"loss is {loss} at step {step + 1}: lower train.lr or raise train.temperature")
+            if term is not None:
+                distill_losses.append(term)
             seen += len(rows)
-            if live is not None:
-                live.log_metric("train/loss", loss)
-                live.log_metric("train/lr", lr)
-                live.log_metric("train/grad_norm", grad_norm)
-                live.next_step()
+            _log_step(live, loss, lr, grad_norm, term)
+            if selector is not None and selector.due(step + 1):
+                selector.evaluate(encoder, step + 1)  # logged at dvclive step = updates done
             if bar is not None:
                 bar.update(len(rows))
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if selector is not None:
+            selector.restore(encoder, len(losses))
     finally:
         encoder.module.eval()
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - started
-    return TrainResult(steps=len(losses), examples=seen, seconds=seconds, losses=losses, world_size=world.size)
+    # Throughput is the optimisation's: dev evaluations are left out of the time.
+    seconds = time.perf_counter() - started - (selector.seconds if selector is not None else 0.0)
+    return TrainResult(
+        steps=len(losses), examples=seen, seconds=seconds, losses=losses, world_size=world.size,
+        distill_losses=distill_losses, selection=selector.summary() if selector is not None else None,
+    )  # fmt: skip
+
+
+def _log_step(live, loss: float, lr: float, grad_norm: float, distill_loss: float | None) -> None:
+    """One step's numbers to dvclive, then its next step."""
+    if live is None:
+        return
+    live.log_metric("train/loss", loss)
+    live.log_metric("train/lr", lr)
+    live.log_metric("train/grad_norm", grad_norm)
+    if distill_loss is not None:
+        live.log_metric("train/distill_loss", distill_loss)
+    live.next_step()
 
 
 def _step(
-    encoder, loss_fn: GeckoLoss, optimizer, batch: list[Example], lr: float, max_norm: float | None, world: World
-) -> tuple[float, float]:
-    """One optimisation step on a global batch; returns (loss, gradient norm before clipping)."""
+    encoder, loss_fn: GeckoLoss, optimizer, batch: list[Example], lr: float, max_norm: float | None, world: World,
+    distill: Distillation | None = None, step: int = 0,
+) -> tuple[float, float, float | None]:  # fmt: skip
+    """One optimisation step on a global batch; returns (loss, gradient norm before clipping, KL term or None)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = batch_loss(loss_fn, encoder, batch, world)
+    if distill is None:
+        loss, term = batch_loss(loss_fn, encoder, batch, world), None
+    else:
+        loss, term = distilled_loss(loss_fn, distill, encoder, batch, step)
     optimizer.zero_grad(set_to_none=True)
     if loss.requires_grad:  # a rank with no share of a tiny last batch has nothing to backpropagate
         loss.backward()
@@ -504,9 +641,10 @@ def _step(
         _sum_gradients(encoder.module)
     grad_norm = _clip(encoder.module, max_norm)
     optimizer.step()
-    # One host-device sync per step for both numbers (on CUDA each .item() would wait on its own).
-    loss_value, norm_value = torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).tolist()
-    return loss_value, norm_value
+    # One host-device sync per step for all numbers (on CUDA each .item() would wait on its own).
+    numbers = [loss.detach(), grad_norm.to(loss.dtype)] + ([term.detach()] if term is not None else [])
+    values = torch.stack(numbers).tolist()
+    return values[0], values[1], values[2] if term is not None else None
 
 
 def _clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -560,8 +698,23 @@ def training_config(
             "world_size": result.world_size,
             "final_loss": result.final_loss,
             "first_loss": result.losses[0] if result.losses else None,
+            "final_distill_loss": result.final_distill_loss,
         },
+        # best_step 0: no step beat the base on the dev sets, so the saved weights are the base's.
+        "selection": result.selection,
     }
+
+
+def _selection_line(selection: dict[str, Any] | None, steps: int) -> str:
+    """The model card's sentence on which step's weights were saved."""
+    if selection is None:
+        return "The weights are those of the last step."
+    best = selection["best_step"]
+    which = "the base model's (no step beat it)" if best == 0 else f"those of step {best} of {steps}"
+    return (
+        f"The weights are {which}: the best mean dev score ({selection['best_score']:.4f}) over evaluations "
+        f"every {selection['every']} steps (see `selection` in fret_training.json)."
+    )
 
 
 def model_card(config: dict[str, Any]) -> str:
@@ -612,6 +765,7 @@ passages = model.encode(["{example_passage}"])
 
 {res["steps"]} steps, {res["examples"]} examples in {res["seconds"]:.1f} s ({res["examples_per_s"]:.1f} examples/s);
 loss {res["first_loss"]:.4f} at the first step, {res["final_loss"]:.4f} over the last steps.
+{_selection_line(config.get("selection"), res["steps"])}
 
 Parameters (also in `fret_training.json`):
 

@@ -1,6 +1,7 @@
 """Stage `train`: fine-tune the encoder on `triples` with Gecko's loss; save it for evaluate.
 
-Reads `warehouse/triples.duckdb` (read-only), writes the sentence-transformers folder
+Reads `warehouse/triples.duckdb` (read-only; table `distill_candidates` too when
+`train.distill_weight` > 0) and, with `train.eval_every`, the `train.dev` sets; writes the sentence-transformers folder
 `train.output` (with `fret_training.json` and a model card) and dvclive's metrics and plots under
 `dvclive/`. Run from the repository root: `python -m python_steps.train`.
 
@@ -15,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.params import Params, load_stage_params
@@ -55,7 +57,10 @@ def relaunch(nproc: int) -> int:
 def run(params: Params, world: World, started: float) -> None:
     """Read the data, train, and (rank 0) log, save and print the summary."""
     from pipeline.encoder import Encoder, EncoderError, TextFormat, pick_device
-    from pipeline.training import mix_in, read_pairs, read_triples, train, training_config, training_dtype, write_model
+    from pipeline.model_selection import DevScorer
+    from pipeline.training import (
+        mix_in, read_candidates, read_pairs, read_triples, train, training_config, training_dtype, write_model,
+    )  # fmt: skip
 
     enc, tp = params.encoder, params.train
     lead = world.rank == 0
@@ -70,6 +75,9 @@ def run(params: Params, world: World, started: float) -> None:
             mixed = mix_in(examples, pairs, tp.mix.fraction, params.base.seed)
             counts = dataclasses.replace(counts, mix_examples=len(mixed) - len(examples))
             examples = mixed
+        candidates = read_candidates(triples, fmt) if tp.distill_weight > 0 else None
+        # Only the rank that saves selects: the others' weights are never written.
+        dev = DevScorer.from_params(tp.dev, fmt, Path.cwd(), enc.batch_size) if tp.eval_every and lead else None
         dtype = training_dtype(tp.dtype, pick_device(params.base.device))
         encoder = Encoder.load(
             enc.model, device=params.base.device, dtype=dtype, max_length=enc.max_length, threads=params.base.threads
@@ -79,11 +87,16 @@ def run(params: Params, world: World, started: float) -> None:
     base_model = encoder.identity if lead else ""
     live = open_live(params, counts) if lead else None
     try:
-        result = train(encoder, examples, tp, seed=params.base.seed, live=live, progress=lead)
+        result = train(
+            encoder, examples, tp, seed=params.base.seed, live=live, progress=lead, candidates=candidates, dev=dev
+        )
         if live is not None:
             # Summary values only (plot=False): one number per run for `dvc exp show`, no curve.
             live.log_metric("train/examples_per_s", result.examples_per_s, plot=False)
             live.log_metric("train/final_loss", result.final_loss, plot=False)
+            if result.selection is not None:
+                live.log_metric("train/best_step", result.selection["best_step"], plot=False)
+                live.log_metric("train/best_dev_score", result.selection["best_score"], plot=False)
     except ValueError as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     finally:
@@ -135,13 +148,24 @@ def summary(config: dict, encoder, path: str, total_s: float) -> str:
             f"({res['examples_per_s']:.1f} examples/s); total {total_s:.1f} s",
             f"  data: {data['triples']:,} triples over {data['queries']:,} queries "
             f"({data['with_negative']:,} with a hard negative, {data['without_negative']:,} without){mix}",
-            f"  loss: {res['first_loss']:.4f} at step 1 -> {res['final_loss']:.4f} (mean of the last 10 steps)",
+            f"  loss: {res['first_loss']:.4f} at step 1 -> {res['final_loss']:.4f} (mean of the last 10 steps)"
+            + (f"; distillation term {res['final_distill_loss']:.4f}" if res["final_distill_loss"] is not None else ""),
+            *_selection_lines(config["selection"], res["steps"]),
             f"  model: {config['base_model']} -> {encoder.identity} "
             f"on {res['world_size']} x {encoder.device.type}, {encoder.dtype}",
             f"  saved: {path} (sentence-transformers folder, fret_training.json, README.md); "
             f"metrics and plots: {LIVE_DIR}/",
         ]
     )
+
+
+def _selection_lines(selection: dict | None, steps: int) -> list[str]:
+    """The summary's line on model selection (none when train.eval_every is off)."""
+    if selection is None:
+        return []
+    best = selection["best_step"]
+    chosen = "step 0: no step beat the base, the base weights are saved" if best == 0 else f"step {best} of {steps}"
+    return [f"  dev: best mean score {selection['best_score']:.4f} at {chosen} (every {selection['every']} steps)"]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""GeckoLoss against a hand-written reference (explicit loops, log-softmax by hand)."""
+"""GeckoLoss and DistillLoss against hand-written references (explicit loops, softmax by hand)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fixtures_encoder import tiny_bert_dir, tiny_encoder  # noqa: F401  (session fixtures)
-from pipeline.losses import Example, GeckoLoss, candidate_mask, mrl_dims
+from pipeline.losses import Candidate, DistillLoss, Example, GeckoLoss, candidate_mask, mrl_dims, sample_candidates
 
 
 def example(q: str, p_id: str, p: str, n_id: str | None = None, n: str | None = None) -> Example:
@@ -189,3 +189,128 @@ def test_embed_matches_forward_and_empty_batch_gives_empty_rows(tiny_encoder):  
         from_parts = loss_fn.compute_loss_from_embeddings(q, p, n, candidate_mask(TRICKY))
         assert torch.equal(from_parts, loss_fn(tiny_encoder, TRICKY))
         assert all(t.shape == (0, tiny_encoder.dim) for t in loss_fn.embed(tiny_encoder, []))
+
+
+# --- distillation ---------------------------------------------------------------------------------
+
+
+def reference_kl(q, c, teacher, counts, temperature, teacher_temperature, dims) -> float:
+    """KL(teacher || student) per query over its first counts[i] candidates, by hand, averaged."""
+
+    def cosine(a, b, d):
+        a, b = a[:d].tolist(), b[:d].tolist()
+        return sum(x * y for x, y in zip(a, b)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+    def softmax(xs):
+        peak = max(xs)
+        exps = [math.exp(x - peak) for x in xs]
+        return [e / sum(exps) for e in exps]
+
+    per_dim = []
+    for d in dims:
+        total = 0.0
+        for i, k in enumerate(counts):
+            pt = softmax([teacher[i][j].item() / teacher_temperature for j in range(k)])
+            ps = softmax([cosine(q[i], c[i][j], d) / temperature for j in range(k)])
+            total += sum(a * math.log(a / b) for a, b in zip(pt, ps))
+        per_dim.append(total / len(counts))
+    return sum(per_dim) / len(per_dim)
+
+
+def distill_inputs(seed: int = 0):
+    """3 queries with 4, 2 and 3 real candidates (padding after them holds junk that must not count)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 16, generator=generator)
+    c = torch.randn(3, 4, 16, generator=generator)
+    teacher = torch.randn(3, 4, generator=generator) * 3
+    counts = [4, 2, 3]
+    valid = torch.tensor([[j < k for j in range(4)] for k in counts])
+    return q, c, teacher, valid, counts
+
+
+@pytest.mark.parametrize("temperature, teacher_temperature, dims", [(0.05, 1.0, []), (1.0, 0.5, [8, 4])])
+def test_distill_kl_equals_reference(temperature, teacher_temperature, dims):
+    q, c, teacher, valid, counts = distill_inputs()
+    loss = DistillLoss(temperature, teacher_temperature, 4, dims).compute_loss_from_embeddings(q, c, teacher, valid)
+    expected = reference_kl(q, c, teacher, counts, temperature, teacher_temperature, [16, *dims])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # Padding is ignored whatever it holds; a teacher that agrees with the student gives 0.
+    c2, teacher2 = c.clone(), teacher.clone()
+    c2[~valid], teacher2[~valid] = 100.0, -100.0
+    again = DistillLoss(temperature, teacher_temperature, 4, dims).compute_loss_from_embeddings(q, c2, teacher2, valid)
+    assert torch.allclose(loss, again)
+
+
+def test_distill_kl_is_zero_when_student_matches_teacher_and_gradients_flow():
+    q, c, _, valid, _ = distill_inputs(seed=1)
+    loss_fn = DistillLoss(0.05, 1.0, 4)
+    cosines = torch.einsum("rd,rkd->rk", torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(c, dim=-1))
+    # Teacher logits equal to the student's (up to a per-query shift) define the same distribution.
+    assert loss_fn.compute_loss_from_embeddings(q, c, cosines / 0.05 + 7.0, valid).item() == pytest.approx(0, abs=1e-5)
+    q.requires_grad_(True)
+    c.requires_grad_(True)
+    loss = loss_fn.compute_loss_from_embeddings(q, c, torch.randn(3, 4), valid)
+    loss.backward()
+    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+    assert torch.isfinite(c.grad).all() and c.grad[valid].abs().sum() > 0
+    assert torch.equal(c.grad[~valid], torch.zeros_like(c.grad[~valid]))  # padding learns nothing
+
+
+POOL = [Candidate(f"c{i}", f"text: candidate {i}", -float(i)) for i in range(8)]
+
+
+def test_sample_candidates_keeps_positive_and_negative_and_repeats():
+    import random
+
+    picked = sample_candidates(POOL, 4, ("c5", "c2"), random.Random("s"))
+    assert [c.passage_id for c in picked[:2]] == ["c2", "c5"] and len(picked) == 4
+    assert len({c.passage_id for c in picked}) == 4  # no repeats
+    assert picked == sample_candidates(POOL, 4, ("c5", "c2"), random.Random("s"))  # same seed, same draw
+    draws = {tuple(c.passage_id for c in sample_candidates(POOL, 4, ("c5", "c2"), random.Random(i))) for i in range(20)}
+    assert len(draws) > 1 and all({"c2", "c5"} <= set(d) for d in draws)
+    assert [c.passage_id for c in sample_candidates(POOL, 4, ("missing", None), random.Random(0))] != []  # not in the list
+    assert sample_candidates(POOL[:3], 4, ("c0",), random.Random(0)) == POOL[:3]  # fewer than k: all of them
+
+
+class CountingEncoder:
+    """Wraps an Encoder and records every text it embeds."""
+
+    def __init__(self, encoder):
+        self.encoder, self.texts = encoder, []
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    def embed(self, texts):
+        self.texts.extend(texts)
+        return self.encoder.embed(texts)
+
+
+def test_distill_forward_reuses_positive_and_negative_embeddings(tiny_encoder):  # noqa: F811
+    import random
+
+    batch = DISTINCT[:3]
+    # q0's list holds its own positive and negative, q1's another example's positive; q2 has no list.
+    pools = {
+        batch[0].query: [Candidate("p0", batch[0].positive, 1.0), Candidate("n0", batch[0].negative, -2.0),
+                         Candidate("x1", "text: extra one", 0.0), Candidate("x2", "text: extra two", -1.0)],
+        batch[1].query: [Candidate("p0", batch[0].positive, 0.5), Candidate("p1", batch[1].positive, 2.0)],
+    }  # fmt: skip
+    counting = CountingEncoder(tiny_encoder)
+    loss_fn = DistillLoss(0.05, 1.0, 3)
+    with torch.no_grad():
+        q, p, n = GeckoLoss.embed(tiny_encoder, batch)
+        rows, lists = loss_fn.sample(batch, pools, random.Random(0))
+        loss = loss_fn(counting, batch, pools, (q, p, n), random.Random(0))
+    assert rows == [0, 1] and [c.passage_id for c in lists[0][:2]] == ["p0", "n0"]
+    extra = lists[0][2:]
+    assert counting.texts == [c.passage for c in extra]  # only the one drawn extra was embedded
+    vectors = {"p0": p[0], "n0": n[0], "p1": p[1], extra[0].passage_id: tiny_encoder.embed([extra[0].passage])[0]}
+    assert [x.passage_id for x in lists[1]] == ["p1", "p0"]  # its own positive first
+    c = torch.stack([torch.stack([vectors[x.passage_id] for x in lists[0]]),
+                     torch.stack([vectors["p1"], vectors["p0"], torch.zeros(tiny_encoder.dim)])])  # fmt: skip
+    teacher = torch.tensor([[x.score for x in lists[0]], [2.0, 0.5, 0.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    expected = loss_fn.compute_loss_from_embeddings(q[:2], c, teacher, valid)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss_fn(counting, batch[2:], pools, (q[2:], p[2:], n[2:]), random.Random(0)).item() == 0.0  # no list

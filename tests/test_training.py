@@ -19,6 +19,7 @@ from pipeline.training import (
     mix_in,
     plan_steps,
     planned_examples,
+    read_candidates,
     read_pairs,
     read_triples,
     steps_per_epoch,
@@ -49,6 +50,30 @@ def write_triples(path: Path, n: int = 8, without_negative: tuple[int, ...] = (3
              "question answering", f"d{i}", f"On {topic}", f"{topic} {i} are described in this passage.",
              *negative, f"d{i}"],
         )  # fmt: skip
+    con.close()
+    return path
+
+
+def write_candidates(path: Path, n: int = 8, extras: int = 3) -> Path:
+    """Table `distill_candidates` beside `write_triples`' rows: positive, negative and a few extras per query."""
+    import duckdb
+
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE distill_candidates (query_id VARCHAR, task VARCHAR, query VARCHAR, passage_id VARCHAR, "
+        "title VARCHAR, text VARCHAR, teacher_score DOUBLE, fused_rank BIGINT)"
+    )
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        passages = [(f"d{i}", f"On {topic}", f"{topic} {i} are described in this passage.", -1.0),
+                    (f"d{i + 100}", "", f"a note on {TOPICS[(i + 3) % len(TOPICS)]} {i}", -9.0)]  # fmt: skip
+        passages += [(f"x{i}_{j}", "", f"{TOPICS[(i + j + 1) % len(TOPICS)]} in passing, part {j}", -3.0 - j) for j in range(extras)]
+        for rank, (pid, title, text, score) in enumerate(passages, start=1):
+            con.execute(
+                "INSERT INTO distill_candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [f"q{i:02d}", "Given a question, retrieve passages that answer it", f"what about {topic} {i}?",
+                 pid, title, text, score, rank],
+            )  # fmt: skip
     con.close()
     return path
 
@@ -305,6 +330,151 @@ def test_stage_main_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, capsys):  #
     assert (tmp_path / "dvclive" / "metrics.json").is_file()
 
 
+# --- distillation ---------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def with_candidates(tmp_path):
+    """(examples, candidate lists) from one warehouse file holding both tables."""
+    path = write_candidates(write_triples(tmp_path / "triples.duckdb"))
+    return read_triples(path, TextFormat())[0], read_candidates(path, TextFormat())
+
+
+def test_read_candidates_keys_by_formatted_query_in_passage_order(with_candidates):
+    examples, pools = with_candidates
+    assert set(pools) == {e.query for e in examples}
+    first = pools[examples[0].query]
+    assert [c.passage_id for c in first] == ["d0", "d100", "x0_0", "x0_1", "x0_2"]
+    assert first[0].passage == examples[0].positive and first[1].passage == examples[0].negative
+    assert first[0].score == -1.0
+
+
+def test_read_candidates_missing_table_says_rebuild(tmp_path):
+    with pytest.raises(ValueError, match="no table distill_candidates.*dvc repro triples"):
+        read_candidates(write_triples(tmp_path / "t.duckdb"), TextFormat())
+
+
+def test_distill_weight_zero_is_todays_training_bit_for_bit(tiny_bert_dir, with_candidates):  # noqa: F811
+    examples, pools = with_candidates
+    states, results = {}, {}
+    for run, weight, given in (("plain", 0.0, None), ("zero", 0.0, pools), ("on", 0.5, pools), ("on again", 0.5, pools)):
+        encoder = fresh_encoder(tiny_bert_dir)
+        results[run] = train(encoder, examples, small_params(distill_weight=weight), seed=5, candidates=given)
+        states[run] = encoder.module.state_dict()
+
+    def same(a: str, b: str) -> bool:
+        return all(torch.equal(states[a][k], states[b][k]) for k in states[a])
+
+    assert same("plain", "zero") and results["plain"].losses == results["zero"].losses
+    assert same("on", "on again") and results["on"].distill_losses == results["on again"].distill_losses
+    assert not same("plain", "on")
+    assert results["zero"].distill_losses == [] and len(results["on"].distill_losses) == 3
+    assert all(d > 0 for d in results["on"].distill_losses)
+
+
+def test_distill_needs_candidates_and_one_process(tiny_bert_dir, examples, monkeypatch):  # noqa: F811
+    with pytest.raises(ValueError, match="needs the candidate lists"):
+        train(fresh_encoder(tiny_bert_dir), examples, small_params(distill_weight=1.0), seed=0)
+    monkeypatch.setattr(World, "current", classmethod(lambda cls: cls(0, 2)))
+    with pytest.raises(ValueError, match="one process only"):
+        train(fresh_encoder(tiny_bert_dir), examples, small_params(distill_weight=1.0), seed=0, candidates={"q": []})
+
+
+# --- model selection ------------------------------------------------------------------------------
+
+
+def selecting(**overrides) -> TrainParams:
+    """small_params with model selection on; the dev set is never read (tests pass a FakeScorer)."""
+    dev = {"retrieval": {"fake": {"path": "unused", "split": "dev", "task": "t"}}}
+    return small_params(**({"eval_every": 1, "dev": dev} | overrides))
+
+
+class FakeScorer:
+    """Scores follow a script by call; records the weights it saw and burns torch RNG like a careless eval."""
+
+    def __init__(self, scores: list[float]):
+        self.scores, self.states = scores, []
+
+    def __call__(self, encoder) -> dict[str, float]:
+        self.states.append({k: v.clone() for k, v in encoder.module.state_dict().items()})
+        torch.rand(100)  # must not shift training's dropout draws
+        encoder.encode(["what about vaccines?"])  # a real pass through the model, in eval mode
+        assert not encoder.module.training
+        score = self.scores[len(self.states) - 1]
+        return {"dev_a": score, "dev_b": score}
+
+
+def test_selection_restores_the_best_step(tiny_bert_dir, examples):  # noqa: F811
+    scorer = FakeScorer([0.1, 0.2, 0.9, 0.3, 0.4])  # steps 0..4, best after step 2
+    encoder = fresh_encoder(tiny_bert_dir)
+    result = train(encoder, examples, selecting(max_steps=4), seed=0, dev=scorer)
+    assert result.selection["best_step"] == 2 and result.selection["best_score"] == pytest.approx(0.9)
+    assert sorted(result.selection["scores"]) == ["0", "1", "2", "3", "4"]
+    final = encoder.module.state_dict()
+    assert all(torch.equal(final[k], scorer.states[2][k]) for k in final)
+    assert not all(torch.equal(final[k], scorer.states[4][k]) for k in final)
+
+
+def test_selection_keeps_the_base_when_no_step_beats_it(tiny_bert_dir, examples):  # noqa: F811
+    scorer = FakeScorer([0.5, 0.5, 0.4, 0.3])  # a tie with step 0 is not a win
+    encoder = fresh_encoder(tiny_bert_dir)
+    base = {k: v.clone() for k, v in encoder.module.state_dict().items()}
+    result = train(encoder, examples, selecting(max_steps=3, eval_every=2), seed=0, dev=scorer)
+    assert sorted(result.selection["scores"]) == ["0", "2", "3"]  # every 2 steps, and the last
+    assert result.selection["best_step"] == 0
+    assert all(torch.equal(encoder.module.state_dict()[k], base[k]) for k in base)
+
+
+def test_selection_does_not_disturb_training(tiny_bert_dir, examples):  # noqa: F811
+    states = []
+    for dev in (None, FakeScorer([0.0, 0.1, 0.2, 0.3])):  # increasing: the last step is kept
+        encoder = fresh_encoder(tiny_bert_dir)
+        train(encoder, examples, selecting(), seed=11, dev=dev)
+        states.append(encoder.module.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_selection_logs_dev_metrics_per_evaluation(tiny_bert_dir, examples, tmp_path, monkeypatch):  # noqa: F811
+    from python_steps.train import LIVE_DIR, open_live
+
+    from pipeline.params import Params
+    from pipeline.training import DataCounts
+
+    monkeypatch.chdir(tmp_path)
+    params = Params(train=selecting(eval_every=2))
+    live = open_live(params, DataCounts(triples=8, queries=8, with_negative=7, without_negative=1))
+    train(fresh_encoder(tiny_bert_dir), examples, params.train, seed=0, live=live, dev=FakeScorer([0.1, 0.3, 0.2]))
+    live.end()
+    rows = (tmp_path / LIVE_DIR / "plots" / "metrics" / "dev" / "score.tsv").read_text().splitlines()
+    assert [r.split("\t")[:2] for r in rows[1:]] == [["0", "0.1"], ["2", "0.3"], ["3", "0.2"]]  # step = updates done
+    assert (tmp_path / LIVE_DIR / "plots" / "metrics" / "dev" / "dev_a.tsv").is_file()
+
+
+def test_stage_with_distillation_and_selection(tiny_bert_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from python_steps import train as stage
+
+    (tmp_path / "warehouse").mkdir()
+    write_candidates(write_triples(tmp_path / "warehouse" / "triples.duckdb", n=6), n=6)
+    dev = tmp_path / "dev"
+    (dev / "qrels").mkdir(parents=True)
+    (dev / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"c{i}", "text": f"{t} facts"}) + "\n" for i, t in enumerate(TOPICS)))
+    (dev / "queries.jsonl").write_text(json.dumps({"_id": "k1", "text": "tell me about foxes"}) + "\n")
+    (dev / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nk1\tc6\t1\n")
+    (tmp_path / "params.yaml").write_text(
+        f"encoder:\n  model: {tiny_bert_dir}\n  cache_path: null\n"
+        "train:\n  batch_size: 3\n  epochs: 2\n  mrl_dims: [16]\n  lr: 1.0e-4\n  distill_weight: 0.5\n"
+        "  eval_every: 2\n  dev:\n    retrieval:\n      tiny_dev: {path: dev, split: dev, task: Find the passage}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    stage.main()
+    out = capsys.readouterr().out
+    assert "distillation term" in out and "dev: best mean score" in out
+    saved = json.loads((tmp_path / "models" / "fret-encoder" / "fret_training.json").read_text())
+    assert saved["selection"]["best_step"] in (0, 2, 4) and saved["result"]["final_distill_loss"] > 0
+    metrics = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
+    assert "best_step" in metrics["train"] and "tiny_dev" in metrics["dev"] and "distill_loss" in metrics["train"]
+
+
 # --- params ---------------------------------------------------------------------------------------
 
 
@@ -323,6 +493,13 @@ def test_stage_main_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, capsys):  #
         ("train:\n  learning_rate: 1e-4\n", "unknown key"),
         ("train:\n  nproc_per_node: 0\n", "train.nproc_per_node"),
         ("train:\n  dtype: float16\n", "train.dtype"),
+        ("train:\n  distill_score: rc\n", "train.distill_score"),
+        ("train:\n  distill_candidates: 1\n", "train.distill_candidates"),
+        ("train:\n  distill_weight: 1.0\n  nproc_per_node: 2\n", "one process only"),
+        ("train:\n  eval_every: 10\n", "train.dev names no dev set"),
+        ("train:\n  dev:\n    retrieval:\n      s: {path: ., task: t}\n", r"train\.dev\.retrieval\.s\.split is 'test'"),
+        ("train:\n  dev:\n    sts:\n      s: {path: ., split: dev, task: t}\n", "dev set 's': file not found"),
+        ("train:\n  dev:\n    sts:\n      score: {path: ., split: dev, task: t}\n", "'score' is reserved"),
     ],
 )
 def test_train_params_rejected(tmp_path, yaml_text, message):
