@@ -247,6 +247,14 @@ class Encoder:
             self._hash, self._hash_state = digest.hexdigest(), state
         return self._hash
 
+    def forget_weights_hash(self) -> None:
+        """Make the next `weights_hash` re-read the weights.
+
+        For in-place updates that leave torch's version counters as they were: the fused AdamW
+        kernel that training uses writes the parameters without bumping them.
+        """
+        self._hash_state = None
+
     @property
     def identity(self) -> str:
         """Model identity, `name@weights-hash` (12 hex digits), for logs and tables."""

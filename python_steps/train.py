@@ -104,6 +104,9 @@ def run(params: Params, world: World, started: float) -> None:
             live.end()
     if not lead:
         return
+    # The fused optimizer updates the weights without bumping torch's version counters, which the
+    # cached hash relies on: without this the trained model would carry the base model's identity.
+    encoder.forget_weights_hash()
     config = training_config(
         base_model=base_model, encoder=encoder, params=tp, encoder_params=enc,
         base_params=params.base, counts=counts, result=result,
@@ -151,7 +154,7 @@ def summary(config: dict, encoder, path: str, total_s: float) -> str:
             f"  loss: {res['first_loss']:.4f} at step 1 -> {res['final_loss']:.4f} (mean of the last 10 steps)"
             + (f"; distillation term {res['final_distill_loss']:.4f}" if res["final_distill_loss"] is not None else ""),
             *_selection_lines(config["selection"], res["steps"]),
-            f"  model: {config['base_model']} -> {encoder.identity} "
+            f"  model: {config['base_model']} -> {config['model']} "
             f"on {res['world_size']} x {encoder.device.type}, {encoder.dtype}",
             f"  saved: {path} (sentence-transformers folder, fret_training.json, README.md); "
             f"metrics and plots: {LIVE_DIR}/",

@@ -312,22 +312,37 @@ def test_dvclive_writes_per_step_metrics_and_no_dvc_yaml(tiny_bert_dir, examples
     assert not list(tmp_path.rglob("dvc.yaml"))  # DVC owns dvc.yaml; dvclive must not write one
 
 
-def test_stage_main_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def run_stage(folder: Path, bert_dir: Path, n: int, train_yaml: str, monkeypatch) -> None:
+    """The train stage's main() in `folder`, on `n` triples, with params.yaml's train section `train_yaml`."""
     from python_steps import train as stage
 
-    (tmp_path / "warehouse").mkdir()
-    write_triples(tmp_path / "warehouse" / "triples.duckdb", n=6)
-    (tmp_path / "params.yaml").write_text(
-        f"encoder:\n  model: {tiny_bert_dir}\n  cache_path: null\n"
-        "train:\n  batch_size: 3\n  epochs: 2\n  mrl_dims: [16]\n  lr: 1.0e-4\n"
-    )
-    monkeypatch.chdir(tmp_path)
+    (folder / "warehouse").mkdir()
+    write_triples(folder / "warehouse" / "triples.duckdb", n=n)
+    (folder / "params.yaml").write_text(f"encoder:\n  model: {bert_dir}\n  cache_path: null\ntrain:\n{train_yaml}")
+    monkeypatch.chdir(folder)
     stage.main()
+
+
+def test_stage_main_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    run_stage(tmp_path, tiny_bert_dir, 6, "  batch_size: 3\n  epochs: 2\n  mrl_dims: [16]\n  lr: 1.0e-4\n", monkeypatch)
     out = capsys.readouterr().out
     assert "train: 4 steps, 12 examples" in out
     assert "6 triples over 6 queries (5 with a hard negative, 1 without)" in out
     assert (tmp_path / "models" / "fret-encoder" / "modules.json").is_file()
     assert (tmp_path / "dvclive" / "metrics.json").is_file()
+
+
+def test_stage_names_the_trained_weights_not_the_base(tiny_bert_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    # The fused AdamW step leaves torch's version counters alone: a cached hash would stay the base's.
+    run_stage(tmp_path, tiny_bert_dir, 4, "  batch_size: 4\n  max_steps: 1\n  mrl_dims: []\n  lr: 1.0e-3\n", monkeypatch)
+    out = capsys.readouterr().out
+    saved = tmp_path / "models" / "fret-encoder"
+    config = json.loads((saved / "fret_training.json").read_text())
+    base = Encoder.load(tiny_bert_dir, device="cpu")
+    assert config["base_model"] == base.identity
+    assert config["model"].split("@")[1] == Encoder.load(saved, device="cpu").weights_hash[:12]
+    assert config["model"] != config["base_model"]
+    assert f"model: {config['base_model']} -> {config['model']} " in out
 
 
 # --- distillation ---------------------------------------------------------------------------------
