@@ -1,8 +1,10 @@
 """Stage `llm_scores`: the LLM scores every mined (query, passage) pair by QL and RC (Gecko's relabelling).
 
-Table in `warehouse/llm_scores.duckdb`: `llm_scores` (query_id, passage_id, knn_rank, ql_sum,
+Tables in `warehouse/llm_scores.duckdb`: `llm_scores` (query_id, passage_id, knn_rank, ql_sum,
 ql_mean, rc_logodds, ql_rank, rc_rank, ql_tokens, llm, prompt_hash); the columns of a method left out
-of `score.methods` are NULL. Every prompt goes through the LLM cache in `llm.cache_path`.
+of `score.methods` are NULL. `llm_scores_report` (metric, value) counts the neighbors and those the
+joins leave unscored because their query or passage is missing upstream. Every prompt goes through
+the LLM cache in `llm.cache_path`.
 Run from the repository root: `python -m python_steps.llm_scores`.
 """
 
@@ -25,6 +27,19 @@ join passages p on p.passage_id = n.passage_id
 order by n.query_id, n.knn_rank, n.passage_id
 """
 
+# What PAIRS_SQL's inner joins leave out, by reason (a row missing both counts under each), so no
+# neighbor goes unscored without a word. Against distinct ids: a repeated id must not inflate counts.
+DROPS_SQL = """
+select
+    count(*) as neighbors,
+    count(*) filter (where q.query_id is null) as neighbors_without_query,
+    count(*) filter (where p.passage_id is null) as neighbors_without_passage,
+    count(*) filter (where q.query_id is null or p.passage_id is null) as neighbors_dropped
+from neighbors n
+left join (select distinct query_id from queries) q using (query_id)
+left join (select distinct passage_id from passages) p on p.passage_id = n.passage_id
+"""
+
 
 def main() -> None:
     started = time.perf_counter()
@@ -41,18 +56,46 @@ def main() -> None:
     cache = LLMCache(params.llm.cache_path)
     try:
         with write_stage(STAGE, upstream=UPSTREAM) as con:
+            drops = join_drops(con)
             pairs = con.sql(PAIRS_SQL).to_arrow_table()
             result = score_relevance(pairs, llm, params.score, cache, progress=True)
             rows = write_table(con, STAGE, result.scores)
+            write_table(con, "llm_scores_report", report_table({**drops, "pairs_scored": rows}))
     except (WarehouseError, ScoringError, LLMError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     finally:
         cache.close()
-    print(summary(result.stats, rows, llm, params, load_seconds, time.perf_counter() - started))
+    print(summary(result.stats, rows, llm, params, load_seconds, time.perf_counter() - started, drops))
 
 
-def summary(stats: dict, rows: int, llm, params, load_s: float, total_s: float) -> str:
-    """One screen: rows written, cache use, time and throughput."""
+def join_drops(con) -> dict[str, int]:
+    """Counts of the neighbors PAIRS_SQL drops (query or passage missing upstream), by reason."""
+    cursor = con.execute(DROPS_SQL)
+    (row,) = cursor.fetchall()
+    return dict(zip([d[0] for d in cursor.description], row))
+
+
+def report_table(counts: dict[str, int]):
+    """The (metric, value) table `llm_scores_report`."""
+    import pyarrow as pa
+
+    return pa.table({"metric": list(counts), "value": pa.array(list(counts.values()), pa.int64())})
+
+
+def drops_line(drops: dict[str, int]) -> str:
+    """The summary's account of the joins: every neighbor scored, or how many were not and why."""
+    if not drops["neighbors_dropped"]:
+        return f"  joins: all {drops['neighbors']:,} neighbors have their query and passage"
+    return (
+        f"  joins: {drops['neighbors_dropped']:,} of {drops['neighbors']:,} neighbors NOT scored: "
+        f"{drops['neighbors_without_query']:,} whose query is missing from queries, "
+        f"{drops['neighbors_without_passage']:,} whose passage is missing from passages "
+        "(table llm_scores_report; re-run `dvc repro` upstream)"
+    )
+
+
+def summary(stats: dict, rows: int, llm, params, load_s: float, total_s: float, drops: dict[str, int]) -> str:
+    """One screen: rows written, neighbors the joins dropped, cache use, time and throughput."""
     s = stats
     rate = f"{s['pairs_per_s']:.2f} pairs/s" if s["computed"] else "nothing to score"
     methods = " + ".join(m.upper() for m in params.score.methods)
@@ -65,6 +108,7 @@ def summary(stats: dict, rows: int, llm, params, load_s: float, total_s: float) 
             f"in {s['batches']:,} batches, {s['score_seconds']:.2f} s: {rate}",
             f"  tokens through the model: {s['forward_tokens']:,} for prompts of {s['prompt_tokens']:,} "
             f"(each passage's shared prefix run once)",
+            drops_line(drops),
         ]
     )
 

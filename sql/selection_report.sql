@@ -12,6 +12,14 @@ query_counts as (
     select count(*) as queries from queries
 ),
 
+-- fused_ranks starts from llm_scores: a mined neighbor without a score row is left out of every later model.
+unscored_counts as (
+    select count(*) as neighbors_unscored
+    from neighbors
+    anti join llm_scores
+        on llm_scores.query_id = neighbors.query_id and llm_scores.passage_id = neighbors.passage_id
+),
+
 -- A query failing several filters counts under each; queries_filtered counts it once.
 filter_counts as (
     select
@@ -90,6 +98,10 @@ final as (
         filter_counts.queries_duplicate,
         filter_counts.queries_filtered,
         positive_counts.queries_with_positive,
+        -- Kept by the filters, but no positive: with `fused`, no scored neighbor, so no p1.
+        query_counts.queries - filter_counts.queries_filtered - positive_counts.queries_with_positive
+            as queries_without_positive,
+        unscored_counts.neighbors_unscored,
         positive_counts.positives_differing_from_seed,
         positive_counts.queries_with_fused_top,
         positive_counts.fused_top_differing_from_seed,
@@ -108,8 +120,8 @@ final as (
         triple_counts.triples_without_negative,
         -- Queries with no training example: filtered, no positive (no scored neighbors), or no negative when not kept.
         query_counts.queries - triple_counts.queries_in_triples as queries_dropped
-    from settings, query_counts, filter_counts, positive_counts, candidate_counts, guard_counts, negative_counts,
-        triple_counts
+    from settings, query_counts, unscored_counts, filter_counts, positive_counts, candidate_counts, guard_counts,
+        negative_counts, triple_counts
 )
 
 select * from final

@@ -277,8 +277,13 @@ def test_methods_param_rejects_empty_repeated_or_unknown(methods):
         ScoreParams(methods=methods)
 
 
-def make_project(root: Path, model_dir: Path, score: str = "{batch_size: 4, max_passage_tokens: 40}") -> None:
-    """params.yaml, the prompt file and the three upstream stage files of a tiny project."""
+def make_project(
+    root: Path, model_dir: Path, score: str = "{batch_size: 4, max_passage_tokens: 40}", orphans: tuple = ()
+) -> None:
+    """params.yaml, the prompt file and the three upstream stage files of a tiny project.
+
+    `orphans`: more (query, passage, knn_rank) neighbor rows, whose query or passage is missing upstream.
+    """
     from pipeline.warehouse import write_stage, write_table
 
     (root / "params.yaml").write_text(
@@ -299,7 +304,7 @@ def make_project(root: Path, model_dir: Path, score: str = "{batch_size: 4, max_
           "llm": "tiny", "prompt_hash": "h"} for q, text in QUERIES.items()]
     )  # fmt: skip
     neighbors = pa.Table.from_pylist(
-        [{"query_id": q, "passage_id": p, "knn_rank": k, "knn_score": 1.0 - k / 10} for q, p, k in PAIRS]
+        [{"query_id": q, "passage_id": p, "knn_rank": k, "knn_score": 1.0 - k / 10} for q, p, k in PAIRS + list(orphans)]
     )
     for stage, table, upstream in [
         ("passages", passages, []), ("queries", queries, ["passages"]), ("neighbors", neighbors, ["passages", "queries"])
@@ -344,6 +349,29 @@ def test_stage_end_to_end_and_cached_rerun(tiny_llm_dir, tmp_path, monkeypatch, 
     fused = con.execute((ROOT / "sql" / "fused_ranks.sql").read_text()).fetchall()
     con.close()
     assert len(fused) == len(PAIRS)
+
+
+def test_stage_counts_and_reports_neighbors_the_joins_drop(tiny_llm_dir, tmp_path, monkeypatch, capsys):
+    from python_steps import llm_scores
+
+    # q9 is not in queries, p9 not in passages; the last row misses both and counts under each.
+    orphans = (("q9", "p1", 1), ("q9", "p2", 2), ("q1", "p9", 4), ("q8", "p8", 1))
+    make_project(tmp_path, tiny_llm_dir, score="{batch_size: 4, max_passage_tokens: 40, methods: [ql]}", orphans=orphans)
+    monkeypatch.chdir(tmp_path)
+    llm_scores.main()
+    out = capsys.readouterr().out
+    n = len(PAIRS) + len(orphans)
+    assert f"joins: 4 of {n} neighbors NOT scored: 3 whose query is missing from queries, 2 whose passage" in out
+    con = duckdb.connect(str(tmp_path / "warehouse" / "llm_scores.duckdb"), read_only=True)
+    report = dict(con.execute("SELECT metric, value FROM llm_scores_report").fetchall())
+    assert con.execute("SELECT count(*) FROM llm_scores").fetchone()[0] == len(PAIRS)
+    con.close()
+    assert report == {"neighbors": n, "neighbors_without_query": 3, "neighbors_without_passage": 2,
+                      "neighbors_dropped": 4, "pairs_scored": len(PAIRS)}  # fmt: skip
+
+    make_project(tmp_path, tiny_llm_dir, score="{batch_size: 4, max_passage_tokens: 40, methods: [ql]}")
+    llm_scores.main()
+    assert f"joins: all {len(PAIRS)} neighbors have their query and passage" in capsys.readouterr().out
 
 
 def test_stage_ql_only_writes_null_rc(tiny_llm_dir, tmp_path, monkeypatch, capsys):

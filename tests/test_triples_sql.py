@@ -584,6 +584,22 @@ def test_queries_without_negative_are_dropped_or_kept_and_counted(warehouse):
     assert (rep["queries_dropped"], rep["triples_without_negative"]) == (1, 1)  # q4: no positive
 
 
+def test_report_counts_queries_without_positive_and_neighbors_never_scored(warehouse):
+    # q4 was never mined, so it has no fused ranking and no p1; add a neighbor of q1 llm_scores lacks.
+    con = duckdb.connect(str(wh.stage_path("neighbors", warehouse)), read_only=True)
+    rows = con.sql("select * from neighbors").to_arrow_table()
+    con.close()
+    extra = pa.table({"query_id": ["q1"], "passage_id": ["p19"], "knn_rank": [6], "knn_score": [0.1]})
+    with wh.write_stage("neighbors", warehouse=warehouse) as con:
+        wh.write_table(con, "neighbors", pa.concat_tables([rows, extra.cast(rows.schema)]))
+    build(warehouse)
+    rep = report(warehouse)
+    assert (rep["queries_without_positive"], rep["neighbors_unscored"]) == (1, 1)
+    assert query(warehouse, "select count(*) from fused_ranks where query_id = 'q1' and passage_id = 'p19'") == [(0,)]
+    build(warehouse, positive="seed")  # a seed positive needs no fused ranking
+    assert report(warehouse)["queries_without_positive"] == 0
+
+
 def test_triples_rows_have_texts_and_lineage(warehouse):
     build(warehouse, num_negatives=2)
     con = duckdb.connect(str(wh.stage_path("triples", warehouse)), read_only=True)
