@@ -1,7 +1,7 @@
 """`fret`: the command line.
 
 Heavy libraries (torch, transformers, outlines, mteb) are imported only inside the commands that
-need them, so `fret --help`, `fret sql` and `fret tables` start in a fraction of a second.
+need them, so `fret --help`, `fret sql`, `fret tables` and `fret explain` start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -48,6 +48,20 @@ def sql_command(query: str, fmt: str, output: Path | None, max_rows: int, wareho
     if fmt == "parquet" and output is None:
         raise click.ClickException("--format parquet needs --output FILE")
     sqlshell.emit(result, fmt, output, max_rows)
+
+
+@main.command("explain")
+@click.argument("query_id")
+@warehouse_option
+def explain_command(query_id: str, warehouse: Path) -> None:
+    """Show one query's way through the pipeline: seed, filters, neighbors' ranks, positive, negatives."""
+    from pipeline.explain import ExplainError, explain_query, render
+    from pipeline.warehouse import WarehouseError
+
+    try:
+        click.echo(render(explain_query(query_id, warehouse)))
+    except (ExplainError, WarehouseError) as err:
+        raise click.ClickException(str(err)) from None
 
 
 @main.command("tables")

@@ -91,13 +91,18 @@ def test_tables_lists_rows_and_stage(warehouse, tmp_path):
     assert "no stage files" in fret("tables", "--warehouse", str(tmp_path / "empty")).output
 
 
+def run_light(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter; fail if it errs or imports torch or transformers."""
+    check = "\nimport sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    out = subprocess.run([sys.executable, "-c", code + check, *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_sql_starts_without_torch(warehouse):
     code = (
         "import sys, time; t = time.perf_counter(); from pipeline.cli import main; "
         "from pipeline import sqlshell; sqlshell.run_query('SELECT 1', sys.argv[1]); "
-        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
         "print(time.perf_counter() - t)"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(warehouse)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert float(out.stdout) < 2.0
+    assert float(run_light(code, str(warehouse)).stdout) < 2.0
