@@ -25,11 +25,16 @@ TOPICS = ["rivers and floods", "volcanoes and lava", "honey bees", "solar panels
           "coral reefs", "bread baking", "glaciers melting", "jazz music", "bicycle repair"]
 
 
-def run(cmd: list[str], cwd: Path) -> str:
+# The README's "commit once" step after the first run: the lock file and the metrics, which DVC
+# does not cache (`cache: false`, as in DVC's example-get-started), so the baseline has numbers.
+BASELINE_FILES = ["dvc.lock", "metrics"]
+
+
+def run(cmd: list[str], cwd: Path, with_stderr: bool = True) -> str:
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out.stdout + out.stderr
+    return out.stdout + (out.stderr if with_stderr else "")
 
 
 def write_sample(folder: Path) -> None:
@@ -130,7 +135,27 @@ def test_dvc_repro_end_to_end(project):
     again = run([str(DVC), "repro"], project)
     assert stages_run(again) == []
 
-    run(["git", "add", "-A"], project)
+    # The README's "commit once" step, exactly: the metrics DVC does not cache must be in git.
+    run(["git", "add", *BASELINE_FILES], project)
     run(["git", "commit", "-qm", "baseline"], project)
+    assert "metrics/" not in run(["git", "status", "--porcelain"], project)
+    assert "failed to load" not in run([str(DVC), "metrics", "diff"], project)
     exp = run([str(DVC), "exp", "run", "-S", "train.lr=3e-5"], project)
     assert stages_run(exp) == ["train", "evaluate"]
+    rows = json.loads(run([str(DVC), "exp", "show", "--json"], project, with_stderr=False))
+    workspace, baseline = rows  # the workspace row, then HEAD with its experiments
+    experiments = [rev for exp in baseline["experiments"] or [] for rev in exp["revs"]]
+    assert len(experiments) == 1
+    for row in (workspace, baseline, experiments[0]):  # numbers in every row, none of them `!`
+        got = metric_numbers(row)
+        assert set(got) == {"dvclive/metrics.json", "metrics/eval.json", "metrics/judge.json"}
+        assert isinstance(got["metrics/eval.json"]["trained"]["sample"]["ndcg_at_10"], float)
+        assert isinstance(got["dvclive/metrics.json"]["train"]["final_loss"], float)
+
+
+def metric_numbers(row: dict) -> dict[str, dict]:
+    """Metrics file -> its values in one `exp show` row; fails on a file DVC could not load (shown as `!`)."""
+    metrics = row["data"]["metrics"]
+    errors = {path: m["error"] for path, m in metrics.items() if m.get("error")}
+    assert not errors, f"{row['rev']}: metrics DVC could not load: {errors}"
+    return {path: m["data"] for path, m in metrics.items()}
