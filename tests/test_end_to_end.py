@@ -132,6 +132,13 @@ def test_dvc_repro_end_to_end(project):
     for model in metrics.values():
         assert 0.0 <= model["sample"]["ndcg_at_10"] <= 1.0
 
+    # fret explain tells every query's story, whatever became of it.
+    con = duckdb.connect(str(project / "warehouse" / "queries.duckdb"), read_only=True)
+    query_ids = [q for (q,) in con.execute("SELECT query_id FROM queries ORDER BY query_id").fetchall()]
+    con.close()
+    for query_id in query_ids:
+        assert "outcome: " in run([str(BIN / "fret"), "explain", query_id], project)
+
     again = run([str(DVC), "repro"], project)
     assert stages_run(again) == []
 
