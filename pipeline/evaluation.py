@@ -2,8 +2,10 @@
 
 Local eval sets become mteb tasks: a BEIR folder (`corpus.jsonl`, `queries.jsonl`,
 `qrels/<split>.tsv`) a custom `AbsTaskRetrieval`, an STS TSV (`<folder>/<split>.tsv` with columns
-`sentence1`, `sentence2`, `score`) a custom `AbsTaskSTS`. Files are parsed when the task is built,
-so a bad row fails before any model loads, with the file and line in the message.
+`sentence1`, `sentence2`, `score`) a custom `AbsTaskSTS`, a labelled TSV (header `text label`) an
+`AbsTaskClassification` (logistic regression on a few `train.tsv` texts per label) or an
+`AbsTaskClusteringLegacy` (MiniBatchKMeans over seeded subsets). Files are parsed when the task is
+built, so a bad row fails before any model loads, with the file and line in the message.
 
 fret's encoder (anything with `encode(texts, batch_size=...) -> float32 array`, unit length) is
 handed to `mteb.evaluate` through `MtebEncoder`, which implements mteb's `EncoderProtocol` and
@@ -18,6 +20,7 @@ mteb and torch are imported inside the functions that need them (mteb takes seco
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -30,10 +33,21 @@ import numpy as np
 if TYPE_CHECKING:
     from pipeline.encoder import TextFormat
 
-# Reported per task type; every name is a key of mteb's scores dict.
+# Reported per task type; every name is a key of mteb's scores dict (f1 is macro F1).
 RETRIEVAL_METRICS = ("ndcg_at_10", "recall_at_100", "map_at_100")
 STS_METRICS = ("cosine_spearman",)
-MAIN_METRIC = {"retrieval": "ndcg_at_10", "sts": "cosine_spearman"}
+CLASSIFICATION_METRICS = ("accuracy", "f1")
+CLUSTERING_METRICS = ("v_measure",)
+# Eval category (params section) -> mteb task type, reported metrics, main metric.
+MTEB_TYPE = {"retrieval": "Retrieval", "sts": "STS", "classification": "Classification", "clustering": "Clustering"}
+METRICS = {"retrieval": RETRIEVAL_METRICS, "sts": STS_METRICS, "classification": CLASSIFICATION_METRICS, "clustering": CLUSTERING_METRICS}
+MAIN_METRIC = {"retrieval": "ndcg_at_10", "sts": "cosine_spearman", "classification": "accuracy", "clustering": "v_measure"}
+# metrics/eval.json key of the per-category means (a reserved eval set name).
+VERSATILITY = "versatility"
+# MTEB's seed for the classifier's training samples and the clustering subsets.
+MTEB_SEED = 42
+# MTEB's TwentyNewsgroupsClustering holds subsets of 1,000 to 10,000 titles; ours are drawn from the pool.
+CLUSTER_SUBSET_SIZES = (1_000, 10_000)
 
 
 class EvalDataError(ValueError):
@@ -64,6 +78,19 @@ class STSSet:
     sentence1: list[str]
     sentence2: list[str]
     score: list[float]
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Texts with a class label each (classification and clustering sets), in file order."""
+
+    texts: list[str]
+    labels: list[str]
+
+    def select(self, keep: Sequence[bool]) -> "LabelledSet":
+        return LabelledSet(
+            [t for t, k in zip(self.texts, keep) if k], [lab for lab, k in zip(self.labels, keep) if k]
+        )
 
 
 def _read_jsonl(path: Path, fields: Sequence[str]) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -176,6 +203,55 @@ def read_sts(path: Path) -> STSSet:
     return out
 
 
+def read_labelled(path: Path) -> LabelledSet:
+    """Read a labelled TSV: header `text<TAB>label`, one text and its label per line.
+
+    Read without quote handling (Banking77 and 20 Newsgroups have bare `"` in texts). A row must
+    have exactly two columns and a non-empty text and label; the set needs two labels or more.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: labelled file not found")
+    out = LabelledSet([], [])
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(rows, None)
+        if header is None or [h.strip() for h in header] != ["text", "label"]:
+            raise EvalDataError(f"{path}:1: expected the header 'text<TAB>label', got {header!r}")
+        for number, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            if len(row) != 2:
+                raise EvalDataError(f"{path}:{number}: expected 2 tab-separated columns (text, label), got {len(row)}")
+            text, label = row[0].strip(), row[1].strip()
+            if not text or not label:
+                raise EvalDataError(f"{path}:{number}: empty {'text' if not text else 'label'}")
+            out.texts.append(text)
+            out.labels.append(label)
+    if len(set(out.labels)) < 2:
+        raise EvalDataError(f"{path}: needs texts of at least 2 labels, got {sorted(set(out.labels))}")
+    return out
+
+
+def held_out(text: str, fraction: float) -> bool:
+    """Whether `text` belongs to the held-out `fraction` of a set: decided by its content hash.
+
+    The same text always falls on the same side (duplicates never straddle train and dev), and
+    the dev split of a file is the same wherever it is cut (the train mix, the evaluate stage).
+    """
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def clustering_subsets(n: int, n_subsets: int, seed: int = MTEB_SEED) -> list[list[int]]:
+    """Row indices of `n_subsets` seeded random subsets (no repeats within one), sized evenly from
+    1,000 to 10,000 rows as MTEB's TwentyNewsgroupsClustering subsets are, capped at `n`."""
+    low, high = (min(size, n) for size in CLUSTER_SUBSET_SIZES)
+    sizes = np.linspace(low, high, n_subsets).round().astype(int)
+    rng = np.random.RandomState(seed)
+    return [rng.choice(n, size=int(size), replace=False).tolist() for size in sizes]
+
+
 # --------------------------------------------------------------------------------------------
 # mteb tasks over local data
 
@@ -188,8 +264,8 @@ def _metadata(name: str, kind: str, path: Path, split: str, task: str, descripti
         # Never downloaded: load_data below is overridden; the path is kept for the record.
         dataset={"path": str(path), "revision": "local"},
         description=description,
-        type="Retrieval" if kind == "retrieval" else "STS",
-        category="t2t",
+        type=MTEB_TYPE[kind],
+        category="t2c" if kind in ("classification", "clustering") else "t2t",
         modalities=["text"],
         eval_splits=[split],
         eval_langs=["eng-Latn"],
@@ -250,6 +326,98 @@ def sts_task(name: str, folder: Path, split: str = "test", task: str = "") -> An
             self.data_loaded = True
 
     return LocalSTS()
+
+
+def classification_task(
+    name: str,
+    folder: Path,
+    split: str = "test",
+    task: str = "",
+    *,
+    samples_per_label: int = 8,
+    n_experiments: int = 10,
+    holdout: float = 0.0,
+) -> Any:
+    """An mteb `AbsTaskClassification` over `<folder>/<split>.tsv`, its classifiers fitted on `<folder>/train.tsv`.
+
+    MTEB's protocol: each of `n_experiments` draws `samples_per_label` texts per label from the
+    shuffled train split (seed 42), fits LogisticRegression(max_iter=100) on their embeddings and
+    scores the full eval split; accuracy and macro F1 are the means over the experiments.
+    With `holdout` > 0 (and split "train") the eval split is the held-out share of train.tsv
+    (`held_out`) and the classifiers draw from the rest: a dev set that never touches test.
+    """
+    from datasets import Dataset, DatasetDict
+    from mteb.abstasks.classification import AbsTaskClassification
+    from sklearn.linear_model import LogisticRegression
+
+    folder = Path(folder)
+    train_path = folder / "train.tsv"
+    if holdout > 0:
+        if split != "train":
+            raise EvalDataError(f"{folder}: holdout cuts the dev set out of train.tsv: split must be 'train', got {split!r}")
+        pool = read_labelled(train_path)
+        dev = [held_out(text, holdout) for text in pool.texts]
+        train, scored, eval_split = pool.select([not d for d in dev]), pool.select(dev), "heldout"
+        if len(set(scored.labels)) < 2:
+            raise EvalDataError(f"{train_path}: holdout {holdout:g} leaves fewer than 2 labels to score")
+    elif split == "train":
+        raise EvalDataError(f"{train_path}: scoring the classifier's own pool: set a holdout or another split")
+    else:
+        train, scored, eval_split = read_labelled(train_path), read_labelled(folder / f"{split}.tsv"), split
+    source = train_path if holdout > 0 else folder / f"{split}.tsv"
+
+    class LocalClassification(AbsTaskClassification):
+        metadata = _metadata(name, "classification", source, eval_split, task, f"labelled texts {source}")
+        evaluator_model = LogisticRegression(max_iter=100)  # random_state = the task's seed, set by mteb
+
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            if self.data_loaded:
+                return
+            self.dataset = DatasetDict(
+                {
+                    "train": Dataset.from_dict({"text": train.texts, "label": train.labels}),
+                    eval_split: Dataset.from_dict({"text": scored.texts, "label": scored.labels}),
+                }
+            )
+            self.data_loaded = True
+
+    out = LocalClassification(seed=MTEB_SEED)
+    out.samples_per_label, out.n_experiments = samples_per_label, n_experiments
+    return out
+
+
+def clustering_task(name: str, folder: Path, split: str = "test", task: str = "", *, n_subsets: int = 10) -> Any:
+    """An mteb `AbsTaskClusteringLegacy` over `<folder>/<split>.tsv`: `n_subsets` seeded subsets
+    (`clustering_subsets`), each clustered by MiniBatchKMeans into as many clusters as it has
+    labels and scored by V-measure; the score is the mean over the subsets.
+
+    The legacy task (MTEB's TwentyNewsgroupsClustering, whose published scores it reproduces),
+    not v2's bootstrap over a 4% sample, which would keep only a few hundred texts of a pool.
+    """
+    from datasets import Dataset
+    from mteb.abstasks.clustering_legacy import AbsTaskClusteringLegacy
+
+    path = Path(folder) / f"{split}.tsv"
+    data = read_labelled(path)
+    subsets = clustering_subsets(len(data.texts), n_subsets)
+
+    class LocalClustering(AbsTaskClusteringLegacy):
+        metadata = _metadata(name, "clustering", path, split, task, f"labelled texts {path}")
+
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            if self.data_loaded:
+                return
+            self.dataset = {
+                split: Dataset.from_dict(
+                    {
+                        "sentences": [[data.texts[i] for i in rows] for rows in subsets],
+                        "labels": [[data.labels[i] for i in rows] for rows in subsets],
+                    }
+                )
+            }
+            self.data_loaded = True
+
+    return LocalClustering(seed=MTEB_SEED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,9 +545,23 @@ def build_tasks(eval_params: Any, root: Path) -> list[Any]:
     def full(path: Path) -> Path:
         return path if path.is_absolute() else root / path
 
-    tasks = [retrieval_task(name, full(s.path), s.split, s.task) for name, s in eval_params.retrieval.items()]
-    tasks += [sts_task(name, full(s.path), s.split, s.task) for name, s in eval_params.sts.items()]
+    ev = eval_params
+    tasks = [retrieval_task(name, full(s.path), s.split, s.task) for name, s in ev.retrieval.items()]
+    tasks += [sts_task(name, full(s.path), s.split, s.task) for name, s in ev.sts.items()]
+    tasks += [
+        classification_task(
+            name, full(s.path), s.split, s.task,
+            samples_per_label=s.samples_per_label, n_experiments=s.n_experiments, holdout=s.holdout,
+        )  # fmt: skip
+        for name, s in ev.classification.items()
+    ]
+    tasks += [clustering_task(name, full(s.path), s.split, s.task, n_subsets=s.n_subsets) for name, s in ev.clustering.items()]
     return tasks
+
+
+def task_category(task: Any) -> str:
+    """The eval category (params section: retrieval, sts, classification, clustering) of an mteb task."""
+    return next(kind for kind, mteb_type in MTEB_TYPE.items() if mteb_type == task.metadata.type)
 
 
 def run_tasks(
@@ -392,7 +574,7 @@ def run_tasks(
     """Evaluate one model on tasks with `mteb.evaluate` (no result cache, nothing downloaded).
 
     Returns:
-        {task name: {metric: score}} with the metrics of RETRIEVAL_METRICS / STS_METRICS.
+        {task name: {metric: score}} with the metrics of METRICS[category].
     """
     import mteb
 
@@ -410,10 +592,36 @@ def run_tasks(
         task = by_name[task_result.task_name]
         split = task.metadata.eval_splits[0]
         scores = task_result.scores[split][0]
-        wanted = RETRIEVAL_METRICS if task.metadata.type == "Retrieval" else STS_METRICS
-        # mteb rounds retrieval scores to 5 places; STS too, so dvc shows one precision.
+        wanted = METRICS[task_category(task)]
+        # mteb rounds retrieval scores to 5 places; the others too, so dvc shows one precision.
         out[task_result.task_name] = {metric: round(float(scores[metric]), 5) for metric in wanted}
     return out
+
+
+def versatility(scores: dict[str, dict[str, float]], tasks: Sequence[Any]) -> dict[str, float]:
+    """Gecko's versatility view of one model's scores: the mean main metric per category
+    (nDCG@10, cosine Spearman, accuracy, V-measure), then `mean`, the mean of the category means.
+
+    Only categories with a set are listed; `mean` weighs each category once, whatever its set count.
+    """
+    by_category: dict[str, list[float]] = {}
+    for task in tasks:
+        category = task_category(task)
+        by_category.setdefault(category, []).append(scores[task.metadata.name][MAIN_METRIC[category]])
+    out = {c: round(float(np.mean(by_category[c])), 5) for c in MTEB_TYPE if c in by_category}
+    if out:
+        out["mean"] = round(float(np.mean(list(out.values()))), 5)
+    return out
+
+
+def versatility_line(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """One line: each model's per-category means and their mean, e.g. `retrieval 0.64 -> 0.66`."""
+    models = [m for m in results if VERSATILITY in results[m]]
+    if not models:
+        return ""
+    keys = list(results[models[0]][VERSATILITY])
+    cells = [f"{k} " + " -> ".join(f"{results[m][VERSATILITY].get(k, float('nan')):.4f}" for m in models) for k in keys]
+    return f"versatility ({' -> '.join(models)}): " + " | ".join(cells)
 
 
 def plot_rows(results: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
@@ -441,7 +649,8 @@ def summary(results: dict[str, dict[str, dict[str, float]]]) -> str:
         if both:
             line += f"{results['trained'][task][metric] - results['base'][task][metric]:>+10.4f}"
         lines.append(line)
-    return "\n".join(lines)
+    extra = versatility_line(results)
+    return "\n".join(lines + ([extra] if extra else []))
 
 
 def write_outputs(results: dict[str, dict[str, dict[str, float]]], metrics_path: Path, plot_path: Path) -> None:
@@ -461,7 +670,8 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
     `eval.base_prefixes` and to the trained one with `eval.prefixes`.
 
     Returns:
-        ({"base"|"trained": {task: {metric: score}}}, {"base"|"trained": model identity}).
+        ({"base"|"trained": {task: {metric: score}}}, {"base"|"trained": model identity}); each
+        model's scores also hold `versatility` (see `versatility`).
 
     Raises:
         pipeline.encoder.EncoderError: a model folder that cannot be loaded.
@@ -488,6 +698,7 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
             identities[label] = encoder.identity
             wrapped = MtebEncoder(CachedEncoder(encoder, cache), label, text_format, revision=encoder.identity)
             results[label] = run_tasks(wrapped, tasks, batch_size=enc.batch_size)
+            results[label][VERSATILITY] = versatility(results[label], tasks)
     finally:
         if cache is not None:
             cache.close()

@@ -299,6 +299,35 @@ class EvalSetParams(Section):
     task: str = Field(min_length=1)
 
 
+class ClassificationSetParams(EvalSetParams):
+    """A labelled set (TSV, header `text label`): `<path>/<split>.tsv` is scored, `<path>/train.tsv`
+    is the pool the logistic regression's training sample is drawn from (MTEB's protocol)."""
+
+    samples_per_label: int = Field(8, ge=1)  # training texts per label in each experiment (MTEB: 8)
+    n_experiments: int = Field(10, ge=1)  # seeded samples, each a fresh classifier; scores are the mean
+    # > 0: a dev set cut from train.tsv (split must be train): the texts whose content hash falls in
+    # this share are scored, the rest are the pool. The same share on a `train.mix` classification
+    # source drops exactly these texts from training, so train and dev stay disjoint.
+    holdout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _holdout_only_on_train(self) -> "ClassificationSetParams":
+        if self.holdout > 0 and self.split != "train":
+            raise ValueError(f"holdout cuts a dev set out of train.tsv: set split: train (got {self.split!r})")
+        if self.holdout == 0 and self.split == "train":
+            raise ValueError("split: train scores the classifier's own pool: set holdout (e.g. 0.2) for a dev set")
+        return self
+
+
+class ClusteringSetParams(EvalSetParams):
+    """A labelled set (TSV `<path>/<split>.tsv`, header `text label`) clustered as MTEB does."""
+
+    n_subsets: int = Field(10, ge=1)  # seeded subsets of 1,000 to 10,000 texts (fewer when the set is smaller)
+
+
+EVAL_KINDS = ("retrieval", "sts", "classification", "clustering")
+
+
 class EvalParams(Section):
     """The evaluate stage: mteb on local eval sets, the base encoder and the trained one."""
 
@@ -310,6 +339,8 @@ class EvalParams(Section):
         )
     }
     sts: dict[str, EvalSetParams] = {}
+    classification: dict[str, ClassificationSetParams] = {}
+    clustering: dict[str, ClusteringSetParams] = {}
     # true: Gecko unified format (encoder.*_template); false: raw texts, as MTEB's leaderboard runs.
     # `prefixes` applies to the trained model (`train.output`, scored when the folder exists);
     # `base_prefixes` to the base model, which never saw the Gecko format: false scores it at its best.
@@ -320,18 +351,21 @@ class EvalParams(Section):
 
     @model_validator(mode="after")
     def _sets_named_and_present(self, info: ValidationInfo) -> "EvalParams":
-        names = list(self.retrieval) + list(self.sts)
+        names = [name for kind in EVAL_KINDS for name in getattr(self, kind)]
         bad = [n for n in names if not n.replace("_", "").isalnum() or not n[:1].isalpha() or n != n.lower()]
         if bad:
             raise ValueError(f"eval set names must be lowercase letters, digits and _: {bad}")
         if len(set(names)) != len(names):
-            raise ValueError(f"eval set names must be unique across retrieval and sts: {names}")
+            raise ValueError(f"eval set names must be unique across {', '.join(EVAL_KINDS)}: {names}")
+        if "versatility" in names:  # metrics/eval.json keeps the per-category means under that key
+            raise ValueError("'versatility' is reserved (the per-category means in metrics): rename that eval set")
         if not names:
-            raise ValueError("no eval sets: give at least one under retrieval or sts")
+            raise ValueError(f"no eval sets: give at least one under {', '.join(EVAL_KINDS)}")
         root = (info.context or {}).get("root")
         if root is not None:
             needed = [(n, s.path / "qrels" / f"{s.split}.tsv") for n, s in self.retrieval.items()]
-            needed += [(n, s.path / f"{s.split}.tsv") for n, s in self.sts.items()]
+            needed += [(n, s.path / f"{s.split}.tsv") for n, s in (self.sts | self.classification | self.clustering).items()]
+            needed += [(n, s.path / "train.tsv") for n, s in self.classification.items()]
             for name, rel in needed:
                 full = rel if rel.is_absolute() else Path(root) / rel
                 if not full.is_file():
@@ -340,17 +374,36 @@ class EvalParams(Section):
 
 
 class MixParams(Section):
-    """Labelled pairs mixed into the training batches (e.g. the STS Benchmark train split)."""
+    """One labelled source mixed into the training batches, as Gecko mixes human-labelled data into FRet.
 
-    # A TSV with header columns sentence1, sentence2, score (the STS Benchmark layout), read unquoted.
+    kind `pairs`: a TSV with header columns sentence1, sentence2, score (the STS Benchmark layout);
+    pairs scoring at least `min_score` are positives, in both directions.
+    kind `classification`: a TSV with header `text label` (Banking77's layout); each text is a query,
+    another text of its label the positive, a text of another label the hard negative (seeded).
+    Both are read unquoted.
+    """
+
     path: Path
-    min_score: float = 4.0  # pairs scoring at least this are positives (STSB scores run 0 to 5)
-    # Share of all training examples drawn from the pairs (each pair gives both directions).
+    kind: Literal["pairs", "classification"] = "pairs"
+    min_score: float = 4.0  # pairs: pairs scoring at least this are positives (STSB scores run 0 to 5)
+    # Share of all training examples drawn from this source (a pair gives both directions); with
+    # several sources the shares add up and must stay below 1.
     fraction: float = Field(0.1, gt=0, lt=1)
     task: str = Field("Retrieve semantically similar text", min_length=1)  # query-side task text
     # Gecko's symmetric format: both sides formatted as queries with `task` (as evaluate formats STS
-    # pairs); false: the second side is formatted as a passage.
+    # pairs and classification texts); false: the other sides are formatted as passages.
     symmetric: bool = True
+    # classification: leave out the texts whose content hash falls in this share: the dev set of an
+    # eval.classification set with split: train and the same holdout (never the test split).
+    holdout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _options_of_kind(self) -> "MixParams":
+        if self.kind == "pairs" and self.holdout > 0:
+            raise ValueError("holdout applies to kind: classification only")
+        if self.kind == "classification" and "min_score" in self.model_fields_set:
+            raise ValueError("min_score applies to kind: pairs only (classification texts carry labels, not scores)")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -406,7 +459,8 @@ class TrainParams(Section):
     # Matryoshka: the loss is averaged over these leading sub-dimensions (strictly decreasing); the
     # model's full dimension is always included. [] trains the full dimension only.
     mrl_dims: list[int] = [384, 256, 128, 64]
-    mix: MixParams | None = None
+    # Labelled sources mixed in: one mapping (the original form), a list of them, or null.
+    mix: list[MixParams] = []
     # Task types (generate.task_types) whose positive and negative are formatted like the query, with
     # the same task (Gecko's symmetric format); [] formats every passage as a passage.
     symmetric_task_types: list[str] = ["sentence similarity"]
@@ -436,6 +490,25 @@ class TrainParams(Section):
     # the best step's weights. null = off: the last step's weights are saved.
     eval_every: int | None = Field(None, ge=1)
     dev: DevParams = DevParams()
+
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _mix_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, dict):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ValueError("mix must be a mapping (one source), a list of mappings, or null")
+        return value
+
+    @field_validator("mix")
+    @classmethod
+    def _mix_shares_below_one(cls, value: list[MixParams]) -> list[MixParams]:
+        total = sum(source.fraction for source in value)
+        if total >= 1:
+            raise ValueError(f"the mix sources' fractions add up to {total:g}: they must leave room for the triples (< 1)")
+        return value
 
     @field_validator("mrl_dims")
     @classmethod
@@ -610,6 +683,20 @@ class Params(Section):
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
 
+    @model_validator(mode="after")
+    def _dev_sets_disjoint_from_mix(self, info: ValidationInfo) -> "Params":
+        # A classification dev set (holdout) scores texts the mix must not train on: same file, same share.
+        root = Path((info.context or {}).get("root") or ".")
+        sources = {(root / m.path).resolve(): m for m in self.train.mix if m.kind == "classification"}
+        for name, dev_set in self.eval.classification.items():
+            source = sources.get((root / dev_set.path / "train.tsv").resolve())
+            if dev_set.holdout > 0 and source is not None and source.holdout != dev_set.holdout:
+                raise ValueError(
+                    f"eval.classification.{name} scores the held-out {dev_set.holdout:g} of {source.path}, but train.mix "
+                    f"holds out {source.holdout:g} of it: set the same holdout on both, or the model trains on the dev set"
+                )
+        return self
+
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate a params file.
@@ -648,7 +735,10 @@ def _describe(err: ValidationError, path: Path, text: str) -> str:
     lines = _key_lines(text)
     problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        loc = list(e["loc"])
+        if 0 in loc and ".".join(str(p) for p in loc[: loc.index(0) + 1]) not in lines:
+            del loc[loc.index(0)]  # train.mix written as one mapping is checked as a list of one: name it as written
+        key = ".".join(str(p) for p in loc)
         where = f"{path}:{lines[key]}" if key in lines else str(path)
         got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
         msg = e["msg"].removeprefix("Value error, ")
@@ -672,6 +762,10 @@ def _key_lines(text: str) -> dict[str, int]:
                 key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
                 out[key] = key_node.start_mark.line + 1
                 walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                out[f"{prefix}.{index}"] = item.start_mark.line + 1
+                walk(item, f"{prefix}.{index}")
 
     walk(root, "")
     return out

@@ -436,6 +436,11 @@ def eval_section(metrics: Path) -> Section:
         table.append((task, metric, *scores, *([f"{delta:+.4f}"] if len(models) > 1 else [])))
     header = ["set", "metric", *models, *(["trained - base"] if len(models) > 1 else [])]
     parts = [html_table(header, table)]
+    from pipeline.evaluation import versatility_line  # numpy only: mteb loads lazily
+
+    line = versatility_line(results)
+    if line:  # Gecko's claim is one model good at every category: the per-category means side by side
+        parts.insert(0, f"<p><b>{escape(line)}</b> (mean main metric per category, and their mean)</p>")
     if "trained" not in results:
         parts.insert(0, not_built("train", "trained model"))
     if keys:

@@ -1,7 +1,9 @@
 """Stage `evaluate`: score the base encoder and the trained one with mteb on the `eval` sets.
 
 Writes `eval.metrics_path` (model -> task -> metric, for `dvc metrics show/diff` and
-`dvc exp show`) and `eval.plot_path` (one row per model, task and metric, for `dvc plots`).
+`dvc exp show`; each model's `versatility` holds its mean main metric per category: retrieval, sts,
+classification, clustering, and their `mean`) and `eval.plot_path` (one row per model, task and
+metric, for `dvc plots`).
 The trained model (`train.output`) is scored only when its folder exists.
 Run from the repository root: `python -m python_steps.evaluate [PARAMS_FILE]`.
 """
