@@ -181,6 +181,71 @@ def read_pairs(path: str | Path, min_score: float, task: str, text_format, symme
     return out
 
 
+def read_labelled_examples(
+    path: str | Path, task: str, text_format, seed: int, symmetric: bool = True, holdout: float = 0.0
+) -> list[Example]:
+    """A labelled classification TSV (header `text label`) as examples, as Gecko mixes in classification data.
+
+    Each distinct text is a query (with `task`); the positive is another distinct text of its label,
+    the hard negative a text of another label, both drawn with `seed`. With `symmetric` both sides are
+    formatted as queries of the same task (as the evaluate stage encodes classification texts).
+    A text is never its own positive; a label with a single distinct text gives no example.
+
+    The masking ids are the label's (hashed with the task): another example's positive or negative of
+    the query's own label is the same class, masked like a duplicate rather than pushed away.
+
+    Args:
+        holdout: texts whose content hash falls in this share are left out: the dev set that
+            `eval.classification` scores with the same holdout (`pipeline.evaluation.held_out`).
+
+    Raises:
+        pipeline.evaluation.EvalDataError (a ValueError): a malformed file (file and line named).
+    """
+    from pipeline.evaluation import held_out, read_labelled
+
+    data = read_labelled(Path(path))
+    by_label: dict[str, list[str]] = {}
+    for text, label in dict.fromkeys(zip(data.texts, data.labels)):  # distinct (text, label), file order
+        if not held_out(text, holdout):
+            by_label.setdefault(label, []).append(text)
+    labels = list(by_label)
+    if len(labels) < 2:
+        raise ValueError(f"{path}: fewer than 2 labels left after holdout {holdout:g}: no negatives to draw")
+
+    def label_id(label: str) -> str:
+        return "label:" + hashlib.sha1(f"{task}\t{label}".encode()).hexdigest()[:16]
+
+    def side(text: str) -> str:
+        return text_format.query(task, text) if symmetric else text_format.passage(None, text)
+
+    rng = random.Random(seed)
+    out = []
+    for label in labels:
+        texts = by_label[label]
+        if len(texts) < 2:
+            continue
+        others = [other for other in labels if other != label]
+        for i, text in enumerate(texts):
+            positive = texts[(i + rng.randrange(1, len(texts))) % len(texts)]  # any text but this one
+            negative_label = rng.choice(others)
+            negative = rng.choice(by_label[negative_label])
+            # A text filed under two labels: never let it be its own negative.
+            usable = negative not in (text, positive)
+            out.append(
+                Example(
+                    query=text_format.query(task, text),
+                    positive=side(positive),
+                    negative=side(negative) if usable else None,
+                    query_text=text,
+                    positive_text=positive,
+                    negative_text=negative if usable else None,
+                    positive_id=label_id(label),
+                    negative_id=label_id(negative_label) if usable else None,
+                )
+            )
+    return out
+
+
 def read_candidates(path: str | Path, text_format) -> dict[str, list[Candidate]]:
     """Read table `distill_candidates` into each query's candidate list, keyed by the formatted query.
 
@@ -219,12 +284,32 @@ def read_candidates(path: str | Path, text_format) -> dict[str, list[Candidate]]
     return pools
 
 
+def read_mix_source(source, text_format, seed: int) -> list[Example]:
+    """The examples of one `train.mix` source (a `pipeline.params.MixParams`), by its kind."""
+    if source.kind == "classification":
+        return read_labelled_examples(source.path, source.task, text_format, seed, source.symmetric, source.holdout)
+    return read_pairs(source.path, source.min_score, source.task, text_format, source.symmetric)
+
+
 def mix_in(examples: list[Example], extra: list[Example], fraction: float, seed: int) -> list[Example]:
     """Add a seeded sample of `extra` so that it makes up `fraction` of the result (or all of extra)."""
-    wanted = min(len(extra), round(fraction / (1 - fraction) * len(examples)))
-    generator = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(extra), generator=generator)[:wanted].tolist()
-    return examples + [extra[i] for i in sorted(picked)]
+    return mix_sources(examples, [(extra, fraction)], seed)
+
+
+def mix_sources(examples: list[Example], sources: Sequence[tuple[list[Example], float]], seed: int) -> list[Example]:
+    """Add a seeded sample of each source's examples so that it makes up its fraction of the result.
+
+    Fractions are shares of the final list (they add up below 1); a source with too few examples
+    gives all it has. Source i samples with seed + i, so one source mixes exactly as `mix_in`.
+    """
+    rest = 1 - sum(fraction for _, fraction in sources)
+    out = list(examples)
+    for i, (extra, fraction) in enumerate(sources):
+        wanted = min(len(extra), round(fraction / rest * len(examples)))
+        generator = torch.Generator().manual_seed(seed + i)
+        picked = torch.randperm(len(extra), generator=generator)[:wanted].tolist()
+        out += [extra[j] for j in sorted(picked)]
+    return out
 
 
 # --- schedule -------------------------------------------------------------------------------------
@@ -759,7 +844,7 @@ passages = model.encode(["{example_passage}"])
 | distinct queries | {data["queries"]} |
 | rows with a hard negative | {data["with_negative"]} |
 | rows without a hard negative | {data["without_negative"]} |
-| labelled pair examples mixed in | {data["mix_examples"]} |
+| labelled examples mixed in (train.mix) | {data["mix_examples"]} |
 
 ## Training
 

@@ -59,7 +59,8 @@ def run(params: Params, world: World, started: float) -> None:
     from pipeline.encoder import Encoder, EncoderError, TextFormat, pick_device
     from pipeline.model_selection import DevScorer
     from pipeline.training import (
-        mix_in, read_candidates, read_pairs, read_triples, train, training_config, training_dtype, write_model,
+        mix_sources, read_candidates, read_mix_source, read_triples, train, training_config, training_dtype,
+        write_model,
     )  # fmt: skip
 
     enc, tp = params.encoder, params.train
@@ -70,9 +71,9 @@ def run(params: Params, world: World, started: float) -> None:
     fmt = TextFormat.from_params(enc)
     try:
         examples, counts = read_triples(triples, fmt, tp.symmetric_task_types)
-        if tp.mix is not None:
-            pairs = read_pairs(tp.mix.path, tp.mix.min_score, tp.mix.task, fmt, tp.mix.symmetric)
-            mixed = mix_in(examples, pairs, tp.mix.fraction, params.base.seed)
+        if tp.mix:
+            sources = [(read_mix_source(source, fmt, params.base.seed), source.fraction) for source in tp.mix]
+            mixed = mix_sources(examples, sources, params.base.seed)
             counts = dataclasses.replace(counts, mix_examples=len(mixed) - len(examples))
             examples = mixed
         candidates = read_candidates(triples, fmt) if tp.distill_weight > 0 else None
@@ -144,7 +145,7 @@ def open_live(params: Params, counts):
 def summary(config: dict, encoder, path: str, total_s: float) -> str:
     """One screen: data, steps, throughput, loss, where the model went."""
     data, res = config["data"], config["result"]
-    mix = f" + {data['mix_examples']:,} labelled-pair examples" if data["mix_examples"] else ""
+    mix = f" + {data['mix_examples']:,} labelled (train.mix) examples" if data["mix_examples"] else ""
     return "\n".join(
         [
             f"{STAGE}: {res['steps']:,} steps, {res['examples']:,} examples in {res['seconds']:.1f} s "

@@ -17,9 +17,12 @@ from pipeline.training import (
     batches,
     get_lr,
     mix_in,
+    mix_sources,
     plan_steps,
     planned_examples,
     read_candidates,
+    read_labelled_examples,
+    read_mix_source,
     read_pairs,
     read_triples,
     steps_per_epoch,
@@ -160,6 +163,94 @@ def test_mix_in_fraction_and_seed(examples):
     mixed = mix_in(examples, extra, 0.2, seed=1)
     assert len(mixed) == len(examples) + 2  # 2 / (8 + 2) = 0.2
     assert mixed[: len(examples)] == examples
+
+
+def test_mix_sources_shares_and_one_source_as_mix_in(examples):
+    a, b = [examples[0]] * 100, [examples[1]] * 100
+    mixed = mix_sources(examples, [(a, 0.2), (b, 0.4)], seed=1)
+    assert len(mixed) == len(examples) + 4 + 8  # 4 / 20 = 0.2 and 8 / 20 = 0.4 of the result
+    assert mixed[len(examples) : len(examples) + 4] == [examples[0]] * 4
+    extra = [examples[i % 8] for i in range(50)]
+    assert mix_sources(examples, [(extra, 0.3)], seed=5) == mix_in(examples, extra, 0.3, seed=5)
+
+
+def write_intents(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows), encoding="utf-8")
+    return path
+
+
+INTENTS = [(f"card question {i}", "card") for i in range(6)] + [(f"loan question {i}", "loan") for i in range(5)]
+INTENTS += [("lonely text", "alone"), ("card question 0", "card")]  # a label of one text; a duplicate row
+
+
+def test_read_labelled_examples_pairs_same_label_negatives_other_label(tmp_path):
+    path = write_intents(tmp_path / "train.tsv", INTENTS)
+    examples = read_labelled_examples(path, "Classify the intent", TextFormat(), seed=3)
+    label = {t: lab for t, lab in INTENTS}
+    assert sorted(e.query_text for e in examples) == sorted({t for t, lab in INTENTS if lab != "alone"})  # once each
+    for e in examples:
+        assert e.positive_text != e.query_text  # never its own positive
+        assert label[e.positive_text] == label[e.query_text] and label[e.negative_text] != label[e.query_text]
+        assert e.query == f"task: Classify the intent | query: {e.query_text}"
+        assert e.positive == f"task: Classify the intent | query: {e.positive_text}"  # symmetric
+        assert e.negative == f"task: Classify the intent | query: {e.negative_text}"
+    # Content-derived ids: one per label (and task), so same-label texts in a batch are masked.
+    by_label = {}
+    for e in examples:
+        by_label.setdefault(label[e.query_text], set()).add(e.positive_id)
+    assert all(len(ids) == 1 for ids in by_label.values()) and len(set.union(*by_label.values())) == 2
+    again = read_labelled_examples(path, "Classify the intent", TextFormat(), seed=3)
+    assert again == examples
+    assert read_labelled_examples(path, "Classify the intent", TextFormat(), seed=4) != examples
+    plain = read_labelled_examples(path, "t", TextFormat(), seed=3, symmetric=False)
+    assert plain[0].positive.startswith("title: ")
+
+
+def test_same_label_examples_mask_each_other(tmp_path):
+    from pipeline.losses import candidate_mask
+
+    path = write_intents(tmp_path / "train.tsv", INTENTS)
+    examples = read_labelled_examples(path, "t", TextFormat(), seed=3)
+    card = [e for e in examples if e.query_text.startswith("card")][:2]
+    loan = [e for e in examples if e.query_text.startswith("loan")][:1]
+    mask = candidate_mask(card + loan)  # columns: positives | negatives | queries
+    assert not mask[0, 1] and mask[0, 2]  # the other card example's positive is masked, the loan one's is not
+    for j, e in enumerate(card):  # a card example's negative is masked for the loan query iff it is a loan
+        assert bool(mask[2, 3 + j]) == (not e.negative_text.startswith("loan"))
+    assert {e.negative_text.split()[0] for e in examples if e.query_text.startswith("card")} == {"loan", "lonely"}
+
+
+def test_mix_holdout_leaves_out_exactly_the_dev_set(tmp_path):
+    from pipeline.evaluation import classification_task
+
+    rows = [(f"intent {lab} text {i}", lab) for lab in ("a", "b", "c") for i in range(60)]
+    path = write_intents(tmp_path / "train.tsv", rows)
+    trained = read_labelled_examples(path, "t", TextFormat(), seed=0, holdout=0.25)
+    dev = classification_task("dev", tmp_path, split="train", holdout=0.25)
+    dev.load_data()
+    dev_texts = set(dev.dataset["heldout"]["text"])
+    seen = {t for e in trained for t in (e.query_text, e.positive_text, e.negative_text)}
+    assert dev_texts and not seen & dev_texts  # disjoint
+    assert seen | dev_texts == {t for t, _ in rows}  # and together the whole file
+
+
+def test_read_mix_source_by_kind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the stage runs from the params file's folder
+    (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t5\n")
+    write_intents(tmp_path / "intents.tsv", INTENTS)
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  mix:\n    - {path: pairs.tsv, fraction: 0.1}\n"
+        "    - {path: intents.tsv, kind: classification, fraction: 0.2, task: Classify, holdout: 0.1}\n"
+    )
+    mix = load_params(tmp_path / "params.yaml").train.mix
+    assert [m.kind for m in mix] == ["pairs", "classification"]
+    assert len(read_mix_source(mix[0], TextFormat(), 0)) == 2
+    assert all(e.query.startswith("task: Classify | query: ") for e in read_mix_source(mix[1], TextFormat(), 0))
+    # The original single-mapping form still loads, as a list of one.
+    (tmp_path / "params.yaml").write_text("train:\n  mix:\n    path: pairs.tsv\n    min_score: 4.5\n")
+    assert load_params(tmp_path / "params.yaml").train.mix[0].min_score == 4.5
+    (tmp_path / "params.yaml").write_text("train:\n  mix: null\n")
+    assert load_params(tmp_path / "params.yaml").train.mix == []
 
 
 # --- schedule -------------------------------------------------------------------------------------
@@ -505,6 +596,12 @@ def test_stage_with_distillation_and_selection(tiny_bert_dir, tmp_path, monkeypa
         ("train:\n  warmup_ratio: 1.0\n", "train.warmup_ratio"),
         ("train:\n  mix:\n    path: nowhere.tsv\n", "mix file not found"),
         ("train:\n  mix:\n    path: params.yaml\n    fraction: 1.0\n", "train.mix.fraction"),
+        ("train:\n  mix:\n    - {path: params.yaml}\n    - {path: params.yaml, fractio: 0.1}\n", r"params\.yaml:4: train\.mix\.1\.fractio: unknown key"),
+        ("train:\n  mix:\n    - {path: params.yaml, fraction: 0.5}\n    - {path: params.yaml, fraction: 0.5}\n", "add up to 1"),
+        ("train:\n  mix: [params.yaml]\n", "a mapping .one source., a list of mappings, or null"),
+        ("train:\n  mix:\n    path: params.yaml\n    holdout: 0.2\n", "holdout applies to kind: classification"),
+        ("train:\n  mix:\n    path: params.yaml\n    kind: classification\n    min_score: 3\n", "min_score applies to kind: pairs"),
+        ("train:\n  mix:\n    path: params.yaml\n    kind: labels\n", r"params\.yaml:4: train\.mix\.kind"),
         ("train:\n  learning_rate: 1e-4\n", "unknown key"),
         ("train:\n  nproc_per_node: 0\n", "train.nproc_per_node"),
         ("train:\n  dtype: float16\n", "train.dtype"),
