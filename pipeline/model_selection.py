@@ -233,6 +233,17 @@ class ModelSelector:
         if self._best_state is not None and self.best_step != last_step:
             encoder.module.load_state_dict(self._best_state)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to select as an uninterrupted one would (for a training checkpoint)."""
+        return {"history": self.history, "best_step": self.best_step, "best_score": self.best_score,
+                "best_state": self._best_state}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back `state_dict()`'s evaluations and best weights (time spent evaluating starts at 0)."""
+        self.history = {int(step): dict(scores) for step, scores in state["history"].items()}
+        self.best_step, self.best_score = state["best_step"], state["best_score"]
+        self._best_state = state["best_state"]
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready record for fret_training.json: best step and score, every evaluation."""
         return {

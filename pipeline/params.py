@@ -489,6 +489,10 @@ class TrainParams(Section):
     # Model selection: score train.dev every eval_every steps (and at step 0 and the end) and save
     # the best step's weights. null = off: the last step's weights are saved.
     eval_every: int | None = Field(None, ge=1)
+    # Crash recovery: save model, optimizer, RNG and data position every checkpoint_every steps under
+    # .fret/checkpoints/train/ (outside the DVC outs); a re-run with the same params, seed and data
+    # continues from there and ends with the uninterrupted run's weights. null = off.
+    checkpoint_every: int | None = Field(50, ge=1)
     dev: DevParams = DevParams()
 
     @field_validator("mix", mode="before")

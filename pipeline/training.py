@@ -3,9 +3,10 @@
 `read_triples` / `read_pairs` turn rows into `Example`s in the unified format, `read_candidates`
 reads the LLM-scored candidate lists of the optional distillation term, `train` runs AdamW with
 warmup + linear decay on `GeckoLoss` (+ `DistillLoss`), optionally keeping the best step on dev
-sets (`pipeline.model_selection`), and `write_model` saves a sentence-transformers folder
-with a model card and the training config beside the weights (as nanoGPT keeps its config in the
-checkpoint). Same params and seed give identical weights on CPU in float32.
+sets (`pipeline.model_selection`) and saving a resumable `Checkpoint` every few steps, and
+`write_model` saves a sentence-transformers folder with a model card and the training config beside
+the weights (as nanoGPT keeps its config in the checkpoint). Same params and seed give identical
+weights on CPU in float32, whether the run went through in one go or was killed and resumed.
 
 Imported only by the train stage and the bench (torch loads at import time).
 """
@@ -19,9 +20,11 @@ import json
 import math
 import os
 import random
+import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,7 @@ class TrainResult:
     distill_losses: list[float] = field(default_factory=list, repr=False)  # the KL term per step, when on
     # Model selection (train.eval_every): ModelSelector.summary(), with best_step (0 = the base won).
     selection: dict[str, Any] | None = None
+    resumed_from: int = 0  # the checkpoint's step this run started from (0: from scratch)
 
     @property
     def examples_per_s(self) -> float:
@@ -557,6 +561,193 @@ def _broadcast_weights(module: torch.nn.Module) -> None:
         dist.broadcast(tensor, src=0)
 
 
+# --- checkpoints ----------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+_CHECKPOINT_FIELDS = {"format", "key", "step", "total", "model", "optimizer", "rng", "losses", "distill_losses",
+                      "seen", "seconds", "selection", "live"}  # fmt: skip
+
+
+def run_key(
+    params, *, seed: int, examples: Sequence[Example], candidates: Mapping[str, Sequence[Candidate]] | None = None,
+    dev: Any = None, context: Any = (), world_size: int = 1,
+) -> str:  # fmt: skip
+    """A hash of everything that decides a run's weights: a checkpoint is resumed only by its own run.
+
+    It covers the train params but checkpoint_every (how often to save changes no weight), the seed,
+    the examples and candidate lists themselves (their content, not their file: DuckDB files differ
+    byte for byte between identical builds), the dev sets when they are data (a `DevScorer`), the
+    number of processes, and `context`: what the caller adds (the stage: the encoder's fingerprint,
+    the encoder and base params).
+    """
+    digest = hashlib.sha256()
+    dev_part = repr(dev) if is_dataclass(dev) else type(dev).__qualname__
+    head = [params.model_dump(mode="json", exclude={"checkpoint_every"}), seed, world_size, dev_part, context]
+    digest.update(repr(head).encode())
+    for example in examples:
+        digest.update(repr(example).encode())
+    for query in sorted(candidates or {}):
+        digest.update(repr((query, candidates[query])).encode())
+    return digest.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a run keeps its resumable state: one file per run key and rank, replaced atomically.
+
+    The stage keeps it outside the DVC outs (`.fret/checkpoints/train/`), so that DVC neither tracks
+    nor deletes it. Saving removes other runs' checkpoints (the folder holds one run's at most), and
+    the stage removes the run's own once the model is saved. A kill leaves the previous file whole
+    (temporary + os.replace); a file cut short some other way is ignored with a warning on load.
+    """
+
+    folder: Path
+    key: str  # `run_key`
+    every: int  # train.checkpoint_every
+    rank: int = 0
+
+    @classmethod
+    def for_run(cls, folder: str | Path, params, *, world: World | None = None, **run: Any) -> "Checkpoint | None":
+        """The checkpoint of the run `params` (`TrainParams`) and `run` (`run_key`'s arguments) describe;
+        None when params.checkpoint_every is null."""
+        if params.checkpoint_every is None:
+            return None
+        world = world or World()
+        key = run_key(params, world_size=world.size, **run)
+        if world.size > 1:  # only rank 0 holds the dev sets: its key names every rank's file
+            import torch.distributed as dist
+
+            box = [key]
+            dist.broadcast_object_list(box, src=0)
+            key = box[0]
+        return cls(Path(folder), key, params.checkpoint_every, world.rank)
+
+    @property
+    def path(self) -> Path:
+        return self.folder / f"{self.key}-rank{self.rank}.pt"
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether to save after `step` updates; never after the last (the model itself is saved then)."""
+        return step % self.every == 0 and step < total
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write `state` under this run's key: to a temporary file, then renamed over the previous one.
+
+        No fsync: a killed process loses nothing the kernel holds, and a file a power cut leaves
+        short fails to load and is ignored.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{self.path.name}.tmp-{os.getpid()}"
+        try:
+            torch.save({"format": CHECKPOINT_FORMAT, "key": self.key, **state}, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for other in self.folder.iterdir():
+            ours = other.name.startswith((self.key, f".{self.key}"))  # any rank's file or save in progress
+            debris = other.name.startswith(f".{self.path.name}.tmp-")  # this rank's killed saves
+            if other.is_file() and (debris or not ours):
+                other.unlink(missing_ok=True)
+
+    def load(self, total: int) -> dict[str, Any] | None:
+        """The saved state of this run (`total` steps), or None: no file, or one that cannot be used."""
+        if not self.path.is_file():
+            return None
+        try:
+            with warnings.catch_warnings():  # torch's own remarks on a garbled file: ours below says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+            problem = _checkpoint_problem(state, self.key, total)
+        except Exception as err:  # noqa: BLE001 - a truncated or garbled file fails in many ways; none may stop training
+            problem = f"unreadable ({type(err).__name__}: {str(err)[:200]})"
+        if problem:
+            warnings.warn(f"ignoring checkpoint {self.path}: {problem}; training starts from step 0", stacklevel=2)
+            return None
+        return state
+
+    def remove(self) -> None:
+        """Delete this run's files (every rank's), and the folder when nothing else is in it."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if path.name.startswith((self.key, f".{self.key}")):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+
+
+def _checkpoint_problem(state: Any, key: str, total: int) -> str | None:
+    """Why a loaded checkpoint cannot be resumed, or None."""
+    if not isinstance(state, dict) or not _CHECKPOINT_FIELDS <= state.keys():
+        return "not a training checkpoint of this version"
+    if state["format"] != CHECKPOINT_FORMAT or state["key"] != key:
+        return "written by another version or run"
+    if state["total"] != total or not 0 < state["step"] < total or len(state["losses"]) != state["step"]:
+        return f"step {state['step']} of {state['total']} does not fit a run of {total} steps"
+    return None
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator a step may draw from: python, numpy, torch (CPU, and each GPU once CUDA is up)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _agreed(state: dict[str, Any] | None, world: World, device: torch.device) -> dict[str, Any] | None:
+    """The loaded state if every rank loaded one of the same step (a kill can land between two
+    ranks' saves), else None everywhere: the ranks must start from one step."""
+    if world.size == 1:
+        return state
+    import torch.distributed as dist
+
+    step = state["step"] if state is not None else 0
+    bounds = torch.tensor([step, -step], device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MIN)
+    return state if bounds[0].item() == -bounds[1].item() == step and step > 0 else None
+
+
+class _LiveLog:
+    """A dvclive `Live` that keeps what it was given, so that a resumed run writes the same files.
+
+    Live starts its files afresh; a resumed run replays the checkpoint's events into it first, so
+    its plots and summary equal an uninterrupted run's (rows for steps a killed run logged after its
+    checkpoint are not kept: those steps are done again).
+    """
+
+    def __init__(self, live, events: Sequence[tuple[str, float] | None] = ()) -> None:
+        self.live = live
+        self.events: list[tuple[str, float] | None] = []
+        for event in events:
+            if event is None:
+                self.next_step()
+            else:
+                self.log_metric(*event)
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.events.append((name, value))
+        self.live.log_metric(name, value)
+
+    def next_step(self) -> None:
+        self.events.append(None)
+        self.live.next_step()
+
+
 # --- training -------------------------------------------------------------------------------------
 
 
@@ -627,6 +818,7 @@ def train(
     progress: bool = False,
     candidates: Mapping[str, Sequence[Candidate]] | None = None,
     dev: Scorer | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> TrainResult:
     """Fine-tune `encoder.module` in place on `examples` with Gecko's loss.
 
@@ -644,6 +836,9 @@ def train(
         candidates: `read_candidates`' lists; needed when params.distill_weight > 0.
         dev: encoder -> {dev set: score} (a `DevScorer`); with params.eval_every set, the weights of
             the best-scoring step (0 = before training) are left in `encoder` instead of the last.
+        checkpoint: where to save the run's state every `checkpoint.every` steps; a run that finds
+            its own checkpoint there continues from it and ends with the weights (and dvclive
+            files) of an uninterrupted run. The caller removes it once the model is saved.
     """
     mrl_dims(encoder.dim, params.mrl_dims)  # fail before any work when a dimension is too large
     world = World.current()
@@ -657,16 +852,39 @@ def train(
         _broadcast_weights(encoder.module)
     optimizer = make_optimizer(encoder.module, params.lr, params.weight_decay)
     bar = _progress_bar(planned_examples(len(examples), params.batch_size, total), encoder.name) if progress else None
+    state = _agreed(checkpoint.load(total) if checkpoint is not None else None, world, encoder.device)
+    # Replayed from a checkpoint's events, or recorded for the checkpoints to come.
+    live = _LiveLog(live, state["live"] if state is not None else ()) if live is not None else None
     selector = ModelSelector(dev, params.eval_every, total, live) if dev is not None and params.eval_every else None
     losses: list[float] = []
     distill_losses: list[float] = []
-    seen = 0
+    seen, start, before = 0, 0, 0.0
+    if state is not None:
+        start, seen, before = state["step"], state["seen"], state["seconds"]
+        losses, distill_losses = list(state["losses"]), list(state["distill_losses"])
+        encoder.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if selector is not None:
+            selector.load_state_dict(state["selection"])
+        _set_rng_state(state["rng"])
+        if progress:
+            print(f"train: resuming from step {start} of {total} ({checkpoint.path})", file=sys.stderr)
+        if bar is not None:
+            bar.update(seen)
+        del state  # the checkpoint's tensors: a model's worth of memory, and more
     encoder.module.train()  # dropout on, as in BERT's and sentence-transformers' fine-tuning
     started = time.perf_counter()
+    saving = 0.0  # seconds spent writing checkpoints, left out of the throughput like evaluation
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - started - saving - (selector.seconds if selector is not None else 0.0)
+
     try:
-        if selector is not None:
+        if selector is not None and start == 0:
             selector.evaluate(encoder, 0)  # the base is a candidate: training may never beat it
         for step, rows in enumerate(order):
+            if step < start:
+                continue  # drawing the done steps' batches again puts the data order where it was
             lr = get_lr(step, total, warmup, params.lr)
             batch = [examples[i] for i in rows]
             loss, grad_norm, term = _step(encoder, loss_fn, optimizer, batch, lr, params.max_grad_norm, world, distill, step)
@@ -679,6 +897,16 @@ def train(
             _log_step(live, loss, lr, grad_norm, term)
             if selector is not None and selector.due(step + 1):
                 selector.evaluate(encoder, step + 1)  # logged at dvclive step = updates done
+            if checkpoint is not None and checkpoint.due(step + 1, total):
+                saving_started = time.perf_counter()
+                checkpoint.save({
+                    "step": step + 1, "total": total, "model": encoder.module.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": _rng_state(), "losses": losses,
+                    "distill_losses": distill_losses, "seen": seen, "seconds": elapsed(),
+                    "selection": selector.state_dict() if selector is not None else None,
+                    "live": live.events if live is not None else None,
+                })  # fmt: skip
+                saving += time.perf_counter() - saving_started
             if bar is not None:
                 bar.update(len(rows))
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -688,11 +916,12 @@ def train(
         encoder.module.eval()
         if bar is not None:
             bar.close()
-    # Throughput is the optimisation's: dev evaluations are left out of the time.
-    seconds = time.perf_counter() - started - (selector.seconds if selector is not None else 0.0)
+    # Throughput is the optimisation's: dev evaluations and checkpoints are left out of the time, and
+    # a resumed run adds the time its checkpoint had taken.
     return TrainResult(
-        steps=len(losses), examples=seen, seconds=seconds, losses=losses, world_size=world.size,
+        steps=len(losses), examples=seen, seconds=elapsed(), losses=losses, world_size=world.size,
         distill_losses=distill_losses, selection=selector.summary() if selector is not None else None,
+        resumed_from=start,
     )  # fmt: skip
 
 

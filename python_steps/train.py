@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 STAGE = "train"
 LIVE_DIR = "dvclive"
+# Resumable state of an interrupted run: outside the DVC outs, beside the caches (see TrainParams.checkpoint_every).
+CHECKPOINT_DIR = Path(".fret/checkpoints/train")
 
 
 def main() -> None:
@@ -59,8 +61,8 @@ def run(params: Params, world: World, started: float) -> None:
     from pipeline.encoder import Encoder, EncoderError, TextFormat, pick_device
     from pipeline.model_selection import DevScorer
     from pipeline.training import (
-        mix_sources, read_candidates, read_mix_source, read_triples, train, training_config, training_dtype,
-        write_model,
+        Checkpoint, mix_sources, read_candidates, read_mix_source, read_triples, train, training_config,
+        training_dtype, write_model,
     )  # fmt: skip
 
     enc, tp = params.encoder, params.train
@@ -86,10 +88,15 @@ def run(params: Params, world: World, started: float) -> None:
     except (ValueError, EncoderError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     base_model = encoder.identity if lead else ""
+    checkpoint = Checkpoint.for_run(
+        CHECKPOINT_DIR, tp, world=world, seed=params.base.seed, examples=examples, candidates=candidates, dev=dev,
+        context=(encoder.fingerprint, enc.model_dump(mode="json", exclude={"cache_path"}), params.base.model_dump(mode="json")),
+    )  # fmt: skip
     live = open_live(params, counts) if lead else None
     try:
         result = train(
-            encoder, examples, tp, seed=params.base.seed, live=live, progress=lead, candidates=candidates, dev=dev
+            encoder, examples, tp, seed=params.base.seed, live=live, progress=lead, candidates=candidates, dev=dev,
+            checkpoint=checkpoint,
         )
         if live is not None:
             # Summary values only (plot=False): one number per run for `dvc exp show`, no curve.
@@ -113,7 +120,11 @@ def run(params: Params, world: World, started: float) -> None:
         base_params=params.base, counts=counts, result=result,
     )  # fmt: skip
     path = write_model(encoder, tp.output, config)
+    if checkpoint is not None:
+        checkpoint.remove()  # the model is saved: nothing left to resume
     print(summary(config, encoder, str(path), time.perf_counter() - started))
+    if result.resumed_from:
+        print(f"  resumed from step {result.resumed_from} (the checkpoint of an interrupted run, in {CHECKPOINT_DIR}/)")
 
 
 def open_live(params: Params, counts):

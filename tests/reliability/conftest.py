@@ -84,7 +84,8 @@ def params_yaml(llm_dir: Path, bert_dir: Path, seed: int = 42, **sections: str) 
         "max_failure_rate: 1.0}",
         "score": "{batch_size: 3, max_passage_tokens: 48}",
         "encoder": f"{{model: '{bert_dir}', cache_path: null}}",
-        "train": "{batch_size: 4, max_steps: 80, warmup_ratio: 0.1, mrl_dims: [16, 8], lr: 1.0e-3}",
+        # A checkpoint every 10 of the 80 steps: a killed run resumes (kills land between checkpoints too).
+        "train": "{batch_size: 4, max_steps: 80, warmup_ratio: 0.1, mrl_dims: [16, 8], lr: 1.0e-3, checkpoint_every: 10}",
     }
     base.update(sections)
     return "".join(f"{k}: {v}\n" for k, v in base.items())
@@ -198,17 +199,20 @@ def run_stage(project: Path, stage: str, *, log: Path | None = None, timeout: fl
     return Run(proc.returncode, False, seconds, None, proc.stdout + proc.stderr, 0)
 
 
-def first_work_line(log: Path, stage: str) -> bool:
-    marker = {"queries": "generate ", "llm_scores": "score ", "train": "train-step "}[stage]
+def first_work_line(log: Path, stage: str, marker: str | None = None) -> bool:
+    marker = marker or {"queries": "generate ", "llm_scores": "score ", "train": "train-step "}[stage]
     try:
         return marker.encode() in log.read_bytes()
     except FileNotFoundError:
         return False
 
 
-def run_and_kill(project: Path, stage: str, log: Path, delay: float, after_marker: bool, timeout: float = 240) -> Run:
+def run_and_kill(
+    project: Path, stage: str, log: Path, delay: float, after_marker: bool, timeout: float = 240, marker: str | None = None
+) -> Run:  # fmt: skip
     """Start the hooked stage; SIGKILL it `delay` s after it starts working (or after it starts).
 
+    `marker`: a log line (start) to wait for instead of the first unit of work, e.g. `train-step 25\n`.
     If the stage finishes first, it simply finishes (`killed` False)."""
     started = time.monotonic()
     out = (log.parent / f"{log.name}.out").open("w+")
@@ -217,7 +221,7 @@ def run_and_kill(project: Path, stage: str, log: Path, delay: float, after_marke
     marker_at = None
     try:
         if after_marker:
-            while proc.poll() is None and not first_work_line(log, stage):
+            while proc.poll() is None and not first_work_line(log, stage, marker):
                 if time.monotonic() - started > timeout:
                     raise TimeoutError(f"{stage}: no work started in {timeout} s")
                 time.sleep(0.01)

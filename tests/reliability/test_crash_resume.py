@@ -36,6 +36,7 @@ from conftest import (
 from pipeline.warehouse import list_tables, write_stage, write_table
 
 STAGES = ["queries", "llm_scores", "train"]
+CHECKPOINTS = Path(".fret/checkpoints/train")  # python_steps.train.CHECKPOINT_DIR, relative to the project
 NAMESPACE = {"queries": "generate", "llm_scores": "score"}
 START_UP_SECONDS = 6.0  # kills "from the start" land in imports and model loading
 
@@ -149,6 +150,7 @@ def test_kill_anywhere_then_resume(stage, n_points, reference, rel_llm_dir, tiny
     assert sorted(p.name for p in (project / "warehouse").iterdir()) == sorted(f"{s}.duckdb" for s in expected)
     if stage == "train":
         assert sorted(p.name for p in (project / "models").iterdir()) == ["fret-encoder"]
+        assert not (project / CHECKPOINTS).exists()  # removed once the model is saved
         return
     check_no_cached_call_redone(stage, log, cached, prompts)
     if stage == "queries":
@@ -235,3 +237,58 @@ def check_finished_calls_were_kept(stage: str, log: Path, cached: set[str], prom
         lost = {k for (k,) in calls(log, "scored")} - cached
         allowed = BATCH[stage]
     assert len(lost) <= allowed, f"{len(lost)} answered call(s) lost by the kill (at most {allowed} may be)"
+
+
+# --- train: kills at seeded steps -----------------------------------------------------------------
+
+EVERY, STEPS = 10, 80  # train.checkpoint_every and max_steps in conftest.params_yaml
+
+
+def train_kill_steps(n: int) -> list[int]:
+    """Steps (counted within each run) at which the chained runs are killed.
+
+    The short variant is fixed: 25 steps into the first run (its checkpoint of step 20 is saved), 25
+    into the second (resumed from 20 or later, it saves 40 or later). The long one draws 6 seeded
+    points of 1 to 35 steps, some landing right at a checkpoint save."""
+    if n <= 2:
+        return [25, 25][:n]
+    rng = random.Random(f"train-steps:{n}")
+    return [rng.randint(1, 35) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "n_points", [pytest.param(2, id="2-points"), pytest.param(6, id="6-points", marks=pytest.mark.slow)]
+)
+def test_train_killed_at_seeded_steps_resumes_to_the_same_weights(n_points, reference, rel_llm_dir, tiny_bert_dir, tmp_path):
+    """kill -9 of train at seeded steps, each run resuming the last one's checkpoint: the final run
+    resumes too and saves the uninterrupted run's weights, dvclive rows and config, bit for bit."""
+    import torch
+
+    ref = reference("train")
+    project = make_project(tmp_path / "project", rel_llm_dir, tiny_bert_dir)
+    resume = 0  # the step of the checkpoint left behind: where the next run starts
+    for i, step in enumerate(train_kill_steps(n_points)):
+        # Killed once step `step` of this run has started: a moment later, somewhere in it or a
+        # following step (in a checkpoint save, even); `step - 1` steps were done before.
+        run = run_and_kill(project, "train", tmp_path / f"run{i}.log", 0.0, True, marker=f"train-step {step}\n")
+        if not run.killed:  # the run finished first (a long variant's draws can outlast the steps left)
+            assert run.returncode == 0, run.output[-3000:]
+            resume = 0
+            break
+        saved = sorted(p.name for p in (project / CHECKPOINTS).iterdir()) if (project / CHECKPOINTS).exists() else []
+        finals = [n for n in saved if not n.startswith(".")]
+        # One run's checkpoint, and at most the temporary of a save the kill cut short.
+        assert len(finals) <= 1 and len(saved) - len(finals) <= 1, saved
+        if finals:
+            got = torch.load(project / CHECKPOINTS / finals[0], weights_only=True)["step"]
+            # Each checkpoint is written before the next step starts: none of the done steps' is missing.
+            assert got >= min((resume + step - 1) // EVERY * EVERY, STEPS - EVERY), (resume, step, got)
+            resume = got
+        else:  # none reached yet, or the kill came after the model was saved (and the checkpoint removed)
+            assert resume + step - 1 < EVERY or outputs_digest(project, "train")["model"] == ref.digest["model"]
+            resume = 0
+    final = run_stage(project, "train", log=tmp_path / "final.log")
+    assert final.returncode == 0, final.output[-3000:]
+    assert (f"resumed from step {resume} " in final.output) if resume else ("resumed" not in final.output)
+    assert outputs_digest(project, "train") == ref.digest
+    assert not (project / CHECKPOINTS).exists()
