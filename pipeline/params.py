@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -202,7 +202,10 @@ class SelectParams(Section):
     rrf_k: int = Field(0, ge=0)
     # Gecko's fusion is {ql: 1, rc: 1, knn: 0}. A ranking with weight 0 is not read (score.methods
     # may leave it NULL). `judge`: the judge check's `best_weights`, read from judge.metrics_path.
-    weights: FusionWeights | Literal["judge"] = FusionWeights()
+    weights: Annotated[
+        Annotated[FusionWeights, Tag("<numbers>")] | Annotated[Literal["judge"], Tag("<judge>")],
+        Discriminator(lambda v: "<judge>" if v == "judge" else "<numbers>"),
+    ] = FusionWeights()
     # fused: the top passage after fusion (Gecko's p1); seed: the passage the query was generated
     # from (the paper's p_seed ablation).
     positive: Literal["fused", "seed"] = "fused"
@@ -243,10 +246,9 @@ class SelectParams(Section):
     @field_validator("weights", mode="before")
     @classmethod
     def _numbers_or_judge(cls, value: Any) -> Any:
-        # One message naming the problem, instead of pydantic's one per member of the union.
-        if isinstance(value, dict):
-            return FusionWeights.parse(value)
-        if value == "judge" or isinstance(value, FusionWeights):
+        # One message naming the problem, instead of pydantic's one per member of the union. A mapping
+        # goes on to the tagged union, so a bad weight is reported at its own key (select.weights.ql).
+        if value == "judge" or isinstance(value, (dict, FusionWeights)):
             return value
         raise ValueError(f"expected a mapping {{ql, rc, knn}} of weights or 'judge', got {value!r}")
 
@@ -739,7 +741,8 @@ def _describe(err: ValidationError, path: Path, text: str) -> str:
     lines = _key_lines(text)
     problems = []
     for e in err.errors():
-        loc = list(e["loc"])
+        # Tags of a discriminated union ("<numbers>") are pydantic's bookkeeping, not keys in the file.
+        loc = [p for p in e["loc"] if not str(p).startswith("<")]
         if 0 in loc and ".".join(str(p) for p in loc[: loc.index(0) + 1]) not in lines:
             del loc[loc.index(0)]  # train.mix written as one mapping is checked as a list of one: name it as written
         key = ".".join(str(p) for p in loc)
