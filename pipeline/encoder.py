@@ -184,7 +184,7 @@ class Encoder:
         path_or_name: str | Path = DEFAULT_MODEL,
         *,
         device: str = "auto",
-        dtype: Dtype = "float32",
+        dtype: Dtype | Literal["auto"] = "float32",
         max_length: int | None = None,
         threads: int | None = None,
     ) -> "Encoder":
@@ -192,7 +192,9 @@ class Encoder:
 
         Args:
             device: "auto" (cuda if available), "cpu" or "cuda".
-            dtype: weights stay float32; "bfloat16" runs the forward pass under autocast.
+            dtype: weights stay float32; "bfloat16" runs the forward pass under autocast; "auto" is
+                bfloat16 where the device computes it natively, else float32 (the rule of
+                `train.dtype`). The resolved name is `Encoder.dtype`, hence part of the fingerprint.
             max_length: tokens per text; None takes the folder's `max_seq_length`.
             threads: torch intra-op threads (the `base.threads` param); None leaves torch's default.
         """
@@ -200,6 +202,10 @@ class Encoder:
 
         if threads is not None:
             torch.set_num_threads(threads)
+        if dtype == "auto":
+            from pipeline.training import training_dtype  # one "native bf16" rule for train and encoder
+
+            dtype = training_dtype(dtype, pick_device(device))
         folder, name = resolve_model_path(path_or_name)
         _check_architecture(folder)
         st_config = _read_json(folder / "sentence_bert_config.json")

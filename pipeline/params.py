@@ -91,8 +91,9 @@ class EncoderParams(Section):
     model: str = "minilm"
     # Tokens kept per text; null = the model's own max_seq_length (256 for MiniLM).
     max_length: int | None = Field(None, ge=2)
-    # bfloat16 = float32 weights run under autocast (faster on GPUs and AVX512-BF16 / AMX CPUs).
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # bfloat16 = float32 weights run under autocast (faster on GPUs and AVX512-BF16 / AMX CPUs);
+    # auto = bfloat16 where the device computes it natively, else float32 (resolved at load).
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     batch_size: int = Field(64, ge=1)
     # Python str.format templates (Gecko's unified format); fields: {task} {query} / {title} {text}.
     query_template: str = "task: {task} | query: {query}"

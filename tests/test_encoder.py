@@ -92,6 +92,26 @@ def test_bfloat16_autocast_stays_close(tiny_bert_dir, tiny_encoder):
     assert bf16.fingerprint != tiny_encoder.fingerprint  # cached vectors never mix dtypes
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_where_native(tiny_bert_dir, monkeypatch, native):
+    # The CPU checks `train.dtype: auto` reads; faked so both branches run on any machine.
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: native, raising=False)
+    auto = Encoder.load(tiny_bert_dir, device="cpu", dtype="auto")
+    expected = "bfloat16" if native else "float32"
+    assert auto.dtype == expected
+    # The resolved name, not "auto", keys the embedding cache: same entries as the explicit dtype.
+    assert auto.fingerprint == Encoder.load(tiny_bert_dir, device="cpu", dtype=expected).fingerprint
+
+
+def test_encoder_params_accept_auto_dtype():
+    from pipeline.params import EncoderParams
+
+    assert EncoderParams(dtype="auto").dtype == "auto"
+    with pytest.raises(ValueError):
+        EncoderParams(dtype="float16")
+
+
 def test_refuses_other_poolings_and_missing_folders(tiny_st_dir, tmp_path):
     import shutil
 
