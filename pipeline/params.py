@@ -789,8 +789,12 @@ def sql_variables(params: Params) -> dict[str, Any]:
         for key, value in section:
             if isinstance(value, Path):
                 value = str(value)
-            if value is None or isinstance(value, (str, int, float, bool, list)):
+            scalars = (str, int, float, bool)
+            if value is None or isinstance(value, scalars):
                 out[f"{section_name}_{key}"] = value
+            elif isinstance(value, list) and all(isinstance(v, scalars) for v in value):
+                out[f"{section_name}_{key}"] = value
+            # Anything else (train.mix's list of sources, nested sections) has no DuckDB type: SQL never reads it.
     # select.weights may say `judge`: resolved to numbers here, so SQL always reads select_weights_ql etc.
     out.pop("select_weights", None)
     weights = params.select.fusion_weights(params.judge.metrics_path)

@@ -65,3 +65,17 @@ def test_sql_variables_flatten_sections(tmp_path):
 def test_repo_params_file_is_valid():
     root = Path(__file__).resolve().parents[1]
     load_params(root / "params.yaml")
+
+
+def test_sql_variables_skip_values_duckdb_cannot_hold(tmp_path):
+    # train.mix is a list of sources: `fret build` must not try to make it a DuckDB variable.
+    (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t5\n")
+    params = load_params(write(tmp_path, "train:\n  mix: {path: pairs.tsv, fraction: 0.2}\n"))
+    variables = sql_variables(params)
+    assert "train_mix" not in variables
+    assert variables["generate_task_types"] == params.generate.task_types  # lists of scalars stay
+    import duckdb
+
+    con = duckdb.connect()
+    for name, value in variables.items():
+        con.execute(f'SET VARIABLE "{name}" = ?', [value])
