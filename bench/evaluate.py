@@ -5,6 +5,11 @@ Both run the same local mteb retrieval task (full SciFact test by default) with 
 Scores must agree (fret encodes with its own torch loop, so tiny float differences are allowed);
 the last line is `ratio: X.XX`, fret's throughput (texts encoded per second) over the peer's.
 
+Roofline (bench/_roofline.py): each side's GFLOP/s and share of the matmul peak measured in this
+process. FLOPs = 2 x linear params x tokens + 2 x 2 x layers x n^2 x hidden per text of n tokens,
+over the texts the task embeds (documents as `title text`, queries), real tokens, MiniLM's config.
+The seconds are the whole evaluation (scoring included), so the share is a floor for the encoder.
+
     .venv/bin/python bench/evaluate.py [--folder PATH] [--split test] [--batch-size 64]
 """
 
@@ -61,6 +66,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{metric:14}{value:>10.5f}{peer[metric]:>10.5f}")
     print(f"{'seconds':14}{fret_s:>10.1f}{peer_s:>10.1f}")
     print(f"{'texts/s':14}{n_texts / fret_s:>10.1f}{n_texts / peer_s:>10.1f}")
+    from _roofline import Transformer, peaks, report
+
+    model = Transformer.from_config(encoder.module.config)
+    texts = [f"{d['title']} {d['text']}".strip() for d in data.corpus] + [q["text"] for q in data.queries]
+    lengths = [len(ids) for ids in encoder.tokenize(texts)]
+    flops = model.encode(lengths)
+    rows = args.batch_size * sum(lengths) // len(lengths)
+    peak = peaks({"encode": (rows, model.hidden, encoder.module.config.intermediate_size)})
+    print("\n".join(report(peak, {"peer": (flops, peer_s, "float32"), "fret": (flops, fret_s, encoder.dtype)})))
     gap = abs(fret["ndcg_at_10"] - peer["ndcg_at_10"])
     if gap > TOLERANCE:
         raise SystemExit(f"scores differ: nDCG@10 fret {fret['ndcg_at_10']:.5f} vs peer {peer['ndcg_at_10']:.5f}")

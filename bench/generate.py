@@ -15,6 +15,13 @@ Both sides run the same dtype (`auto`, the stage's default, is bfloat16 on a CPU
 bf16 widens the gap: it doubles the throughput of fret's large batched matrix products, while
 the peer's one-row decoding steps are bound by memory and Python, where bf16 gains nothing.
 
+Roofline (bench/_roofline.py): each side's GFLOP/s and share of the matmul peak measured in this
+process, over the forward passes each side ran (counted by a hook on the model, retries included):
+2 x linear params x tokens (pads included; fret runs a stored few-shot prefix once) + 2 x 2 x
+layers x Q x K x hidden (Q new positions over K keys: n^2 for a prefill of n tokens, 1 x (c + 1)
+per decoded token after c) + 2 x vocab x hidden per position whose logits are computed.
+SmolLM2-135M's config.
+
 Last line: `ratio: X.XX` = fret's passages/s over the peer's, measured in this run.
 """
 
@@ -74,20 +81,27 @@ def main() -> None:
     peer_requests = build_requests(passages, llm, params, base.seed, template)
     warm_request = build_requests(warm, llm, params, base.seed, template)[0]
     generator(Chat(peer_messages(warm_request)), max_new_tokens=params.max_new_tokens, do_sample=False)
+    from _roofline import ForwardCounter, Transformer, peaks, report
+
+    model, counter = Transformer.from_config(llm.model.config), ForwardCounter(llm.model)
     t0, c0 = time.perf_counter(), time.process_time()
     peer_out = [
         generator(Chat(peer_messages(r)), max_new_tokens=params.max_new_tokens, do_sample=False) for r in peer_requests
     ]
     peer_s, peer_cpu = time.perf_counter() - t0, time.process_time() - c0
+    peer_flops = counter.flops(model)
     peer_tokens = sum(len(llm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in peer_out)
     peer_valid = sum(validate(t)[0] is not None for t in peer_out)
 
     # fret: the stage's own function, cache disabled; warm-up on another passage, prefix cache emptied.
     generate_queries(warm, llm, params, base.seed, LLMCache(None), template, progress=False)
     llm._prefixes.clear()
+    counter.reset()
     c0 = time.process_time()
     result = generate_queries(passages, llm, params, base.seed, LLMCache(None), template, progress=False)
     fret_cpu = time.process_time() - c0
+    fret_flops = counter.flops(model)
+    counter.close()
     s = result.stats
     fret_s = s["generate_seconds"]
     fret_by_id = {(r["passage_id"]): r for r in result.queries.to_pylist()}
@@ -108,6 +122,11 @@ def main() -> None:
     print(f"identical outputs: {same}/{n}")
     # The machine is shared: wall time moves with other processes' load; CPU seconds much less so.
     print(f"cpu seconds: peer {peer_cpu:.1f}, fret {fret_cpu:.1f}, cpu ratio {peer_cpu / fret_cpu:.2f}")
+    dtype = str(llm.model.dtype).removeprefix("torch.")
+    config = llm.model.config
+    peak = peaks({"decode": (params.batch_size, model.hidden, config.intermediate_size),
+                  "prefill": (2048, model.hidden, config.intermediate_size)})  # fmt: skip
+    print("\n".join(report(peak, {"peer": (peer_flops, peer_s, dtype), "fret": (fret_flops, fret_s, dtype)})))
     print(f"ratio: {fret_rate / peer_rate:.2f}")
 
 

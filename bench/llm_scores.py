@@ -14,6 +14,14 @@ warm-up are kept out of the timings.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/llm_scores.py [--queries 8 --top 10 --pool seeds --threads 1]
 
+Roofline (bench/_roofline.py): each side's GFLOP/s and share of the matmul peak measured in this
+process, over the forward passes each side ran (counted by a hook on the model): 2 x linear params x
+tokens (pads included; the peer runs every prompt whole, fret each passage prefix once, then the
+tails) + 2 x 2 x layers x Q x K x hidden (Q positions over K keys: n^2 for a whole prompt of n
+tokens, t x (p + t) for a tail of t after a cached prefix of p) + 2 x vocab x hidden per position
+whose logits are computed (the peer: all; fret: from the first position a score reads).
+SmolLM2-135M's config.
+
 Last line: `ratio: X.XX` = fret's pairs/s over the peer's, measured in this run.
 """
 
@@ -80,12 +88,19 @@ def main() -> None:
     with torch.inference_mode():  # warm-up, untimed
         llm.model(torch.tensor([llm.encode(requests[0].prompt)]))
 
+    from _roofline import ForwardCounter, Transformer, peaks, report
+
+    model, counter = Transformer.from_config(llm.model.config), ForwardCounter(llm.model)
     started = time.perf_counter()
     peer = plain_scores(llm, requests, scorer.yes_ids, scorer.no_ids)
     peer_s = time.perf_counter() - started
+    peer_flops = counter.flops(model)
+    counter.reset()
     started = time.perf_counter()
     result = score_relevance(pairs, llm, params, LLMCache(None), template, progress=False, scorer=scorer)
     fret_s = time.perf_counter() - started
+    fret_flops = counter.flops(model)
+    counter.close()
 
     ours = {}
     for row in result.scores.to_pylist():
@@ -106,6 +121,9 @@ def main() -> None:
           f"(passage prefix once per passage)")
     print(f"peer  (one prompt per forward, QL and RC apart): {peer_s:8.1f} s  {peer_rate:6.2f} pairs/s")
     print(f"fret  (score_relevance, shared prefix, batched): {fret_s:8.1f} s  {fret_rate:6.2f} pairs/s")
+    rows = args.batch_size * max(1, scorer.forward_tokens // max(1, scorer.forward_rows))
+    peak = peaks({"score": (rows, model.hidden, llm.model.config.intermediate_size)})
+    print("\n".join(report(peak, {"peer": (peer_flops, peer_s, args.dtype), "fret": (fret_flops, fret_s, args.dtype)})))
     print(f"ratio: {fret_rate / peer_rate:.2f}")
 
 

@@ -7,6 +7,11 @@ same batch size and threads; results are checked equal before any number is prin
 and a warm-up are kept out of the timings; runs are interleaved, best of --repeat. The cached re-run
 (nothing to embed) is reported separately above the last line.
 
+Roofline (bench/_roofline.py): each side's GFLOP/s and share of the matmul peak measured in this
+process, FLOPs = 2 x linear params x tokens + 2 x 2 x layers x n^2 x hidden per text of n tokens
+(MiniLM-L6: 6 layers, hidden 384, 10.6 M linear weights), over the texts each side embedded (fret's
+cache embeds a repeated text once), real tokens only (padding is the implementation's overhead).
+
     HF_HUB_OFFLINE=1 .venv/bin/python bench/neighbors.py [--passages 2000 --queries 300 --repeat N]
 
 Last line: `ratio: X.XX` = fret's texts/s over the peer's, cold cache, measured in this run.
@@ -107,6 +112,16 @@ def main() -> None:
     assert overlap >= 0.99, f"top-{args.top_n} overlap only {overlap:.4f}"
 
     peer_rate, fret_rate, cached_rate = n_texts / peer_s, n_texts / fret_s, n_texts / cached_s
+    from _roofline import Transformer, peaks, report
+
+    model = Transformer.from_config(encoder.module.config)
+    lengths = dict(zip(passages + queries, map(len, encoder.tokenize(passages + queries))))
+    tokens_per_batch = args.batch_size * sum(lengths.values()) // len(lengths)
+    peak = peaks({"encode": (tokens_per_batch, model.hidden, encoder.module.config.intermediate_size)})
+    sides = {
+        "peer": (model.encode(lengths[t] for t in passages + queries), peer_s, "float32"),
+        "fret": (model.encode(lengths.values()), fret_s, encoder.dtype),
+    }
     print(f"texts: {len(passages):,} SciFact passages + {len(queries):,} queries, MiniLM-L6 (max 256 tokens), "
           f"top {args.top_n}, batch {args.batch_size}, {torch.get_num_threads()} threads")
     print(f"load:  sentence-transformers {peer_load:.2f} s, fret {fret_load:.2f} s (not in the ratio)")
@@ -116,6 +131,7 @@ def main() -> None:
     print(f"fret  (Encoder + cold cache + top_n_search): {fret_s:7.2f} s  {fret_rate:8.1f} texts/s")
     print(f"fret cached re-run (0 texts embedded): {cached_s:7.2f} s  {cached_rate:8.1f} texts/s "
           f"({cached_rate / peer_rate:.1f}x the peer; not the ratio below)")
+    print("\n".join(report(peak, sides)))
     print(f"ratio: {fret_rate / peer_rate:.2f}")
 
 

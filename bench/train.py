@@ -17,6 +17,12 @@ fret's `train.group_by_length` (about 5% fewer padded tokens here, but SciFact's
 then share batches, so the loss is not comparable). The header line says what each side used.
 
     .venv/bin/python bench/train.py [--triples 256] [--batch-size 16] [--steps 8] [--max-length 128]
+
+Roofline (bench/_roofline.py): each side's GFLOP/s and share of the matmul peak measured in this
+process. FLOPs per example = 3 (forward + backward) x the forward FLOPs of its query, positive and
+negative: 2 x linear params x tokens + 2 x 2 x layers x n^2 x hidden per text of n tokens (MiniLM's
+config; real tokens after truncation to --max-length), times the examples trained; batches are
+random draws, so the per-example count is the mean over the triples.
 """
 
 from __future__ import annotations
@@ -159,6 +165,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'examples/s':16}{examples / fret_s:>10.2f}{examples / peer_s:>10.2f}")
     # MatryoshkaLoss sums its dimensions' losses where fret averages them: put both on fret's scale.
     print(f"{'mean loss':16}{fret_loss:>10.4f}{peer_loss / len(MRL_DIMS):>10.4f}")
+    from _roofline import Transformer, peaks, report
+    from pipeline.encoder import Encoder
+
+    encoder = Encoder.load("minilm", device="cpu", max_length=args.max_length, threads=args.threads)
+    model = Transformer.from_config(encoder.module.config)
+    texts = [t for q, pt, p, nt, n in rows for t in (fmt.query(TASK, q), fmt.passage(pt, p), fmt.passage(nt, n))]
+    lengths = [len(ids) for ids in encoder.tokenize(texts)]
+    flops = 3 * model.encode(lengths) * examples / len(rows)
+    shape = (3 * args.batch_size * sum(lengths) // len(lengths), model.hidden, encoder.module.config.intermediate_size)
+    peak = peaks({"train": shape})
+    peer_dtype = "bfloat16" if args.peer_bf16 else "float32"
+    print("\n".join(report(peak, {"fret": (flops, fret_s, args.fret_dtype), "peer": (flops, peer_s, peer_dtype)})))
     print(f"ratio: {peer_s / fret_s:.2f}")
 
 
