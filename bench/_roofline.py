@@ -103,8 +103,8 @@ def report(peak: dict[str, dict[str, float]], sides: dict[str, tuple[float, floa
         achieved = flops / seconds / 1e9
         lines.append(
             f"roofline {name}: {flops / 1e9:,.1f} GFLOP in {seconds:.1f} s = {achieved:.1f} GFLOP/s, "
-            f"{achieved / peak[dtype]['peak']:.0%} of the {dtype} peak ({peak[dtype]['peak']:.0f}), "
-            f"{achieved / peak['bfloat16']['peak']:.0%} of the bf16 peak"
+            f"{achieved / peak[dtype]['peak']:.1%} of the {dtype} peak ({peak[dtype]['peak']:.0f})"
+            + ("" if dtype == "bfloat16" else f", {achieved / peak['bfloat16']['peak']:.1%} of the bfloat16 peak")
         )
     return lines
 

@@ -2,10 +2,15 @@
 
 The peer is the pandas version: merge llm_scores with neighbors, the same exact-fraction fusion and
 tie-breakers, groupby for p1, the same positive-aware guards and negative strategy, then merges
-for the texts. It starts from DataFrames already in memory and writes nothing, while fret's time is
-the whole stage: read the upstream DuckDB files, build the six models, run schema.yml's data tests,
-write and checkpoint `triples.duckdb`. Both must select identical (query, positive, negative) rows;
-each is timed best-of-N after a warm-up run.
+for the texts; and the other tables the stage writes that cost real work: `distill_candidates`
+(every scored candidate of each training query with its teacher score and texts, sorted) and
+`query_filters`' measures (words per query, copy rate against the seed's words, the normalised
+text). It starts from DataFrames already in memory and writes nothing, while fret's time is the
+whole stage: read the upstream DuckDB files, build every model in sql/, run schema.yml's data
+tests, write and checkpoint `triples.duckdb`. Both must select identical (query, positive,
+negative) rows, identical distillation lists and the same query measures; each is timed best-of-N
+after a warm-up run. `--triples-only` times the peer without the two extra tables (the comparison
+this bench made before they existed; fret still builds everything).
 
     .venv/bin/python bench/triples.py [--queries 50000] [--neighbors 20] [--negative lowest] [--repeat 3]
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -118,8 +124,11 @@ def run_fret(warehouse: Path, params: Params) -> None:
     build_models(SQL_DIR, stage="triples", variables=sql_variables(params), warehouse=warehouse)
 
 
-def run_peer(frames: dict, params: Params):
-    """The pandas version a user might write, selecting exactly what sql/*.sql selects."""
+def run_peer(frames: dict, params: Params, extras: bool = True) -> dict:
+    """The pandas version a user might write, selecting exactly what sql/*.sql selects.
+
+    Returns {"triples": ..., and with `extras` "distill_candidates" and "query_filters": ...}.
+    """
     import pandas as pd
 
     sel, seed = params.select, params.base.seed
@@ -181,7 +190,51 @@ def run_peer(frames: dict, params: Params):
             on=f"{side}_id",
             how="left",
         )
-    return triples.sort_values(["query_id", "negative_rank"], ignore_index=True)
+    out = {"triples": triples.sort_values(["query_id", "negative_rank"], ignore_index=True)}
+    if extras:
+        out["distill_candidates"] = peer_distill_candidates(scores, out["triples"], frames, params)
+        out["query_filters"] = peer_query_measures(frames)
+    return out
+
+
+def peer_distill_candidates(scores, triples, frames: dict, params: Params):
+    """sql/distill_candidates.sql: each training query's scored candidates, teacher score, texts."""
+    column = params.train.distill_score
+    kept = scores[scores["query_id"].isin(triples["query_id"].unique()) & scores[column].notna()]
+    out = kept[["query_id", "passage_id", column, "fused_rank"]].rename(columns={column: "teacher_score"})
+    out = out.merge(frames["queries"][["query_id", "task", "query"]], on="query_id", how="left")
+    out = out.merge(frames["passages"][["passage_id", "title", "text"]], on="passage_id", how="left")
+    return out.sort_values(["query_id", "passage_id"], ignore_index=True)
+
+
+_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits in any script, as [\pL\pN]+
+
+
+def peer_query_measures(frames: dict):
+    """sql/query_filters.sql's measures (the filters are off): words, copy rate, normalised text."""
+    queries = frames["queries"][["query_id", "passage_id", "query"]]
+    seeds = queries.merge(frames["passages"][["passage_id", "text"]], on="passage_id", how="left")
+    n_words, copy_rate, normalized = [], [], []
+    for query, seed in zip(seeds["query"], seeds["text"]):
+        words = _WORD.findall(query.lower())
+        seed_words = set(_WORD.findall(seed.lower())) if isinstance(seed, str) else set()
+        n_words.append(len(words))
+        copy_rate.append(sum(w in seed_words for w in words) / len(words) if words else None)
+        normalized.append(" ".join(re.sub(r"[^\w\s]|_", "", query.lower()).split()))
+    return seeds[["query_id"]].assign(n_words=n_words, copy_rate=copy_rate, normalized_query=normalized)
+
+
+def check_same(fret, peer, table: str, order: bool) -> None:
+    """Same rows (and, where the SQL sorts, the same order), floats to 1e-12."""
+    import pandas as pd
+
+    peer = peer[list(fret.columns)]
+    if not order:
+        fret, peer = (f.sort_values("query_id", ignore_index=True) for f in (fret, peer))
+    try:
+        pd.testing.assert_frame_equal(fret, peer, check_dtype=False, rtol=1e-12)
+    except AssertionError as err:
+        raise SystemExit(f"fret and the peer built different {table}: the comparison is void\n{err}") from None
 
 
 def best_of(fn, repeat: int) -> float:
@@ -201,6 +254,7 @@ def main() -> None:
     parser.add_argument("--negative", choices=["lowest", "random", "range"], default="lowest")
     parser.add_argument("--num-negatives", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--triples-only", action="store_true", help="peer without distill_candidates, query_filters")
     args = parser.parse_args()
     select = SelectParams(negative=args.negative, num_negatives=args.num_negatives)
     if args.negative == "range":
@@ -216,7 +270,7 @@ def main() -> None:
                 wh.write_table(con, name, table)
 
         fret_s = best_of(lambda: run_fret(warehouse, params), args.repeat)
-        peer_s = best_of(lambda: run_peer(frames, params), args.repeat)
+        peer_s = best_of(lambda: run_peer(frames, params, extras=not args.triples_only), args.repeat)
 
         import duckdb
 
@@ -225,8 +279,13 @@ def main() -> None:
             "select query_id, positive_id, negative_id, negative_rank, positive_text, negative_text "
             "from triples order by query_id, negative_rank"
         ).fetchall()
+        fret_distill = con.execute("select * from distill_candidates").df()
+        fret_measures = con.execute("select query_id, n_words, copy_rate, normalized_query from query_filters").df()
         con.close()
-    peer = run_peer(frames, params)
+    peers = run_peer(frames, params)
+    peer = peers["triples"]
+    check_same(fret_distill, peers["distill_candidates"], "distill_candidates", order=True)
+    check_same(fret_measures, peers["query_filters"], "query_filters", order=False)
     cols = ["query_id", "positive_id", "negative_id", "negative_rank", "positive_text", "negative_text"]
     peer_rows = [tuple(None if v != v else v for v in row) for row in peer[cols].itertuples(index=False)]
     peer_rows = [r[:3] + (None if r[3] is None else int(r[3]),) + r[4:] for r in peer_rows]
@@ -239,8 +298,10 @@ def main() -> None:
     print(f"synthetic: {args.queries:,} queries x {args.neighbors} neighbors = {n_in:,} scored pairs, "
           f"negative={args.negative}, num_negatives={args.num_negatives}, {len(fret_rows):,} triples, "
           f"best of {args.repeat}")  # fmt: skip
-    print(f"fret  build_models (6 models + data tests + write): {fret_s:.3f} s  {n_in / fret_s:12,.0f} pairs/s")
-    print(f"peer  pandas merge/sort/groupby (in memory, no write): {peer_s:.3f} s  {n_in / peer_s:12,.0f} pairs/s")
+    n_models = len(list(SQL_DIR.glob("*.sql")))
+    peer_work = "triples only" if args.triples_only else "triples + distill_candidates + query measures"
+    print(f"fret  build_models ({n_models} models + data tests + write): {fret_s:.3f} s  {n_in / fret_s:12,.0f} pairs/s")
+    print(f"peer  pandas, {peer_work} (in memory, no write): {peer_s:.3f} s  {n_in / peer_s:12,.0f} pairs/s")
     print(f"ratio: {peer_s / fret_s:.2f}")
 
 
