@@ -83,6 +83,27 @@ class TextFormat:
     def passages(self, titles: Sequence[str | None], texts: Sequence[str]) -> list[str]:
         return [self.passage(t, x) for t, x in zip(titles, texts, strict=True)]
 
+    def instruction_end(self, text: str) -> int:
+        """Characters of `text` that are the query template's instruction (0 when it has none).
+
+        For `task: {task} | query: {query}` that is `task: <the task> | query: `: everything before
+        the query itself. A template that does not end with `{query}`, or one with no literal text
+        between `{task}` and `{query}`, has no instruction that can be cut off reliably: 0.
+        """
+        head, sep, tail = self.query_template.partition("{query}")
+        if not sep or tail or "{task}" not in head:
+            return 0
+        before, _, between = head.partition("{task}")
+        if not between or not text.startswith(before):
+            return 0
+        end = text.find(between, len(before))
+        return 0 if end < 0 else end + len(between)
+
+
+def instruction_format(encoder_params) -> TextFormat | None:
+    """What `Encoder.exclude_instruction` takes for the `encoder` params: None pools everything."""
+    return None if encoder_params.pool_instruction else TextFormat.from_params(encoder_params)
+
 
 def resolve_model_path(name_or_path: str | Path) -> tuple[Path, str]:
     """Map "minilm" to the bundled package folder, or check a local folder.
@@ -177,6 +198,20 @@ class Encoder:
         self.do_lower_case = do_lower_case
         self._hash_state: tuple | None = None
         self._hash: str = ""
+        # Set: the query instruction's tokens are left out of mean pooling (see `exclude_instruction`).
+        self._instruction: TextFormat | None = None
+
+    def exclude_instruction(self, text_format: "TextFormat | None") -> "Encoder":
+        """Pool over the query text only, not over the instruction before it (None: pool everything).
+
+        The instruction tokens still shape every other token through attention; they only stop
+        being averaged into the embedding. A short sentence behind a ten-token task description
+        otherwise shares half its pooled vector with every other text of that task, which is what
+        costs an untrained model most of its STS score in the Gecko format (INSTRUCTOR pools the
+        same way; sentence-transformers calls it `Pooling(include_prompt=False)`).
+        """
+        self._instruction = text_format
+        return self
 
     @classmethod
     def load(
@@ -273,7 +308,8 @@ class Encoder:
         The embedding cache keys on this (not on the name), so copies of one model share entries
         and a different max_length or dtype never reuses stale vectors.
         """
-        parts = [self.weights_hash, str(self.max_length), self.dtype, str(self.do_lower_case), "mean+l2"]
+        pooling = "mean+l2" if self._instruction is None else f"mean-instruction({self._instruction.query_template})+l2"
+        parts = [self.weights_hash, str(self.max_length), self.dtype, str(self.do_lower_case), pooling]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     # --- encoding -------------------------------------------------------------------------------
@@ -296,12 +332,49 @@ class Encoder:
             mask[i, : len(row)] = 1
         return torch.from_numpy(input_ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One transformer pass -> mean-pooled, L2-normalised float32 embeddings (b, d)."""
+    def _instruction_spans(self, texts: Sequence[str], ids: Sequence[list[int]]) -> list[tuple[int, int]] | None:
+        """Per text, the token positions [start, end) left out of pooling; None when pooling keeps all.
+
+        That is the leading special tokens ([CLS]) and the instruction's tokens; their count is that of
+        the instruction tokenized alone, which is exact for tokenizers that split at whitespace and
+        punctuation (WordPiece, as in BERT/MiniLM): the Gecko instruction ends with ": ".
+        """
+        if self._instruction is None:
+            return None
+        # Where a text's first token lands among the special tokens ([CLS] text [SEP]: 1).
+        probe = self.tokenizer("a", add_special_tokens=False)["input_ids"][0]
+        lead = self.tokenizer("a")["input_ids"].index(probe)
+        counts: dict[str, int] = {}
+        spans = []
+        for text, row in zip(texts, ids, strict=True):
+            head = text[: self._instruction.instruction_end(text)]
+            if head not in counts:
+                probe = head.lower() if self.do_lower_case else head
+                counts[head] = len(self.tokenizer(probe, add_special_tokens=False)["input_ids"]) if head else 0
+            # Never the whole text: a truncated row keeps at least one token to pool.
+            n = min(counts[head], max(0, len(row) - lead - 2))
+            # From 0: the leading [CLS] goes with the instruction, as sentence-transformers' Pooling with
+            # include_prompt=False drops it, so the saved model embeds the same under `prompt=`.
+            spans.append((0, lead + n) if n else (0, 0))
+        return spans
+
+    def _forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, skip: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
+        """One transformer pass -> mean-pooled, L2-normalised float32 embeddings (b, d).
+
+        Args:
+            skip: per row, token positions [start, end) left out of the mean (the instruction).
+        """
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
             hidden = self.module(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden.float()
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pool = attention_mask
+        if skip is not None and any(end > start for start, end in skip):
+            pool = attention_mask.clone()
+            for row, (start, end) in enumerate(skip):
+                pool[row, start:end] = 0
+        mask = pool.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=1)
 
@@ -311,8 +384,9 @@ class Encoder:
         Runs in whatever train/eval mode the caller set on `module`. For Matryoshka losses, slice
         the first k dimensions and re-normalise.
         """
-        input_ids, mask = self._pad(self.tokenize(texts))
-        return self._forward(input_ids, mask)
+        ids = self.tokenize(texts)
+        input_ids, mask = self._pad(ids)
+        return self._forward(input_ids, mask, self._instruction_spans(texts, ids))
 
     def encode(
         self,
@@ -337,6 +411,7 @@ class Encoder:
         if not texts:
             return out
         ids = self.tokenize(texts)
+        spans = self._instruction_spans(texts, ids)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         bar = None
         if progress:
@@ -349,7 +424,8 @@ class Encoder:
             with torch.inference_mode():
                 for start in range(0, len(order), batch_size):
                     rows = order[start : start + batch_size]
-                    vectors = self._forward(*self._pad([ids[i] for i in rows]))
+                    skip = None if spans is None else [spans[i] for i in rows]
+                    vectors = self._forward(*self._pad([ids[i] for i in rows]), skip)
                     out[rows] = vectors.cpu().numpy()
                     if bar is not None:
                         bar.update(len(rows))
@@ -395,6 +471,8 @@ class Encoder:
             "pooling_mode_mean_tokens": True,
             "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False,
+            # sentence-transformers >= 2.4: with `encode(texts, prompt=...)` the prompt is not pooled.
+            "include_prompt": self._instruction is None,
         }
         versions = {"pytorch": torch.__version__}
         for package in ("sentence-transformers", "transformers"):

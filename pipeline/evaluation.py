@@ -677,7 +677,7 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
         pipeline.encoder.EncoderError: a model folder that cannot be loaded.
     """
     from pipeline.embedding_cache import open_cache
-    from pipeline.encoder import Encoder, TextFormat
+    from pipeline.encoder import Encoder, TextFormat, instruction_format
 
     enc, ev = params.encoder, params.eval
 
@@ -694,7 +694,7 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
             text_format = TextFormat.from_params(enc) if prefixes else None
             encoder = Encoder.load(
                 model, device=params.base.device, dtype=enc.dtype, max_length=enc.max_length, threads=params.base.threads
-            )
+            ).exclude_instruction(instruction_format(enc))
             identities[label] = encoder.identity
             wrapped = MtebEncoder(CachedEncoder(encoder, cache), label, text_format, revision=encoder.identity)
             results[label] = run_tasks(wrapped, tasks, batch_size=enc.batch_size)

@@ -130,14 +130,14 @@ def retrieve(judge_set: JudgeSet, params: Params, top_n: int, progress: bool = F
         title, text), and stats (encoder identity, texts embedded, seconds).
     """
     from pipeline.embedding_cache import encode_cached, open_cache
-    from pipeline.encoder import Encoder, TextFormat
+    from pipeline.encoder import Encoder, TextFormat, instruction_format
     from pipeline.knn import top_n_search
 
     started = time.perf_counter()
     enc, task = params.encoder, params.judge.task
     encoder = Encoder.load(
         enc.model, device=params.base.device, dtype=enc.dtype, max_length=enc.max_length, threads=params.base.threads
-    )
+    ).exclude_instruction(instruction_format(enc))
     text_format = TextFormat.from_params(enc)
     cache = open_cache(enc.cache_path)
     try:

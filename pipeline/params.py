@@ -99,6 +99,9 @@ class EncoderParams(Section):
     query_template: str = "task: {task} | query: {query}"
     passage_template: str = "title: {title} | text: {text}"
     empty_title: str = "none"  # written for a missing or blank title
+    # false: the query template's instruction (`task: ... | query: `) is left out of mean pooling, so
+    # it conditions the text through attention without being averaged into the embedding.
+    pool_instruction: bool = True
     # Embeddings keyed by model fingerprint + text, outside the DVC outs; null disables the cache.
     cache_path: Path | None = Path(".fret/cache/embeddings.duckdb")
 

@@ -28,7 +28,7 @@ UPSTREAM = ["passages", "queries"]
 def main() -> None:
     started = time.perf_counter()
     params = load_stage_params(STAGE)
-    from pipeline.encoder import Encoder, EncoderError, TextFormat  # torch: only once params are valid
+    from pipeline.encoder import Encoder, EncoderError, TextFormat, instruction_format  # torch: once params are valid
 
     enc = params.encoder
     try:
@@ -38,7 +38,7 @@ def main() -> None:
             dtype=enc.dtype,
             max_length=enc.max_length,
             threads=params.base.threads,
-        )
+        ).exclude_instruction(instruction_format(enc))
     except EncoderError as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     load_seconds = time.perf_counter() - started

@@ -58,7 +58,7 @@ def relaunch(nproc: int) -> int:
 
 def run(params: Params, world: World, started: float) -> None:
     """Read the data, train, and (rank 0) log, save and print the summary."""
-    from pipeline.encoder import Encoder, EncoderError, TextFormat, pick_device
+    from pipeline.encoder import Encoder, EncoderError, TextFormat, instruction_format, pick_device
     from pipeline.model_selection import DevScorer
     from pipeline.training import (
         Checkpoint, mix_sources, read_candidates, read_mix_source, read_triples, train, training_config,
@@ -84,7 +84,7 @@ def run(params: Params, world: World, started: float) -> None:
         dtype = training_dtype(tp.dtype, pick_device(params.base.device))
         encoder = Encoder.load(
             enc.model, device=params.base.device, dtype=dtype, max_length=enc.max_length, threads=params.base.threads
-        )
+        ).exclude_instruction(instruction_format(enc))
     except (ValueError, EncoderError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     base_model = encoder.identity if lead else ""

@@ -147,3 +147,38 @@ def test_minilm_matches_sentence_transformers():
     assert max(len(ids) for ids in encoder.tokenize(texts)) == 256
     theirs = _st_encode(resolve_model_path("minilm")[0], texts, 16)
     np.testing.assert_allclose(encoder.encode(texts, 16), theirs, atol=1e-5)
+
+
+def test_instruction_end_finds_the_query_templates_instruction():
+    fmt = TextFormat()
+    text = fmt.query("Find papers | about cells", "do cells divide?")
+    assert text[: fmt.instruction_end(text)] == "task: Find papers | about cells | query: "
+    assert fmt.instruction_end("title: none | text: a passage") == 0  # passages keep every token
+    assert fmt.instruction_end("do cells divide?") == 0  # raw text
+    assert TextFormat(query_template="{query}").instruction_end("task: x | query: y") == 0
+    assert TextFormat(query_template="{task}: {query} (end)").instruction_end("a: b (end)") == 0
+
+
+def test_excluded_instruction_pools_like_sentence_transformers_prompts(tiny_bert_dir, tmp_path):
+    """Our pooling without the instruction = sentence-transformers' `prompt=` with include_prompt=False."""
+    from sentence_transformers import SentenceTransformer
+
+    fmt = TextFormat()
+    encoder = Encoder.load(tiny_bert_dir, device="cpu")
+    plain_fingerprint = encoder.fingerprint
+    encoder.exclude_instruction(fmt)
+    assert encoder.fingerprint != plain_fingerprint  # the embedding cache never mixes the two poolings
+    texts = make_texts(7)
+    prompt = fmt.query("find a passage about proteins", "")
+    ours = encoder.encode([prompt + t for t in texts], batch_size=3)
+    folder = encoder.save(tmp_path / "model")
+    assert json.loads((folder / "1_Pooling" / "config.json").read_text())["include_prompt"] is False
+    theirs = SentenceTransformer(str(folder), device="cpu").encode(texts, prompt=prompt, normalize_embeddings=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # It changes the vectors (the instruction is no longer averaged in), and embed agrees with encode.
+    pooled_all = Encoder.load(tiny_bert_dir, device="cpu").encode([prompt + t for t in texts])
+    assert np.abs(ours - pooled_all).max() > 1e-3
+    np.testing.assert_allclose(encoder.embed([prompt + t for t in texts]).detach().numpy(), ours, atol=1e-5)
+    # Texts without the instruction (passages, raw queries) pool exactly as before.
+    passages = fmt.passages([None] * 3, texts[:3])
+    np.testing.assert_allclose(encoder.encode(passages), Encoder.load(tiny_bert_dir, device="cpu").encode(passages), atol=1e-6)
