@@ -51,3 +51,30 @@ test: $(STAMP) $(LLAMA_STAMP)
 
 test-all: $(STAMP) $(LLAMA_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ''
+
+# The full run of the quality issue: the whole SciFact corpus (5,183 abstracts), evaluated on
+# SciFact train (dev) and test, STSB dev and test, Banking77 and TwentyNewsgroups, as one DVC
+# experiment on top of params.yaml (needs a commit: `git add dvc.lock metrics && git commit`).
+# Eval data comes from ../shared/eval (see README). LLM calls are cached: a re-run after the LLM
+# stages costs only training and evaluation.
+SCIFACT_TASK := 'Given a scientific claim, retrieve documents that support or refute the claim'
+STS_TASK := 'Retrieve semantically similar text'
+FULL_PARAMS := \
+	-S "corpus.path=../shared/eval/scifact/corpus.jsonl" \
+	-S "generate.limit=1000" \
+	-S "neighbors.top_n=10" \
+	-S "score.methods=[ql]" \
+	-S "select.weights={ql:1.0,rc:0.0,knn:0.0}" \
+	-S "select.negative=range" \
+	-S "train.mix=[{kind:pairs,path:../shared/eval/stsb/train.tsv,min_score:4.0,fraction:0.3}]" \
+	-S "~eval.retrieval.scifact_sample" \
+	-S "+eval.retrieval.scifact_dev={path:../shared/eval/scifact,split:train,task:$(SCIFACT_TASK)}" \
+	-S "+eval.retrieval.scifact_test={path:../shared/eval/scifact,split:test,task:$(SCIFACT_TASK)}" \
+	-S "+eval.sts.stsb_dev={path:../shared/eval/stsb,split:dev,task:$(STS_TASK)}" \
+	-S "+eval.sts.stsb_test={path:../shared/eval/stsb,split:test,task:$(STS_TASK)}" \
+	-S "+eval.classification={banking77:{path:../shared/eval/banking77,task:'Given a online banking query, find the corresponding intents'}}" \
+	-S "+eval.clustering={twentynewsgroups:{path:../shared/eval/twentynewsgroups,task:'Identify the topic or theme of the given news articles'}}"
+
+.PHONY: full
+full: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/dvc exp run -n full-scifact $(FULL_PARAMS)
