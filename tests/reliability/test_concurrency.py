@@ -5,9 +5,11 @@
   `fret sql`'s own path (`sqlshell.run_query`) in a loop. Every read must see one complete version:
   a single version per table, the row count and checksum of that version, and the two tables of
   the file agreeing with each other.
-- In a scratch git + DVC repository whose only stage sleeps, a second `dvc repro` started while the
-  first runs must fail on DVC's lock and change nothing; the first completes normally.
-Both are bounded in count and in time.
+- In a scratch git + DVC repository whose only stage waits for the test's signal, a second
+  `dvc repro` started while the first runs must fail on DVC's lock and change nothing; the first
+  completes normally once released.
+Both are ordered by handshakes (files), never by how fast the machine is: each waits for the other
+side's signal, with a bound only against a hang.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ root = sys.argv[1]
 def rows(v):  # version v: 20000 + 997 * v rows
     return 20000 + 997 * v
 
+import pathlib, time
+acks = pathlib.Path(sys.argv[4]) if len(sys.argv) > 4 else None
+
 for v in range(int(sys.argv[2]), int(sys.argv[3])):
     n = rows(v)
     with wh.write_stage("versioned", warehouse=root) as con:
@@ -45,6 +50,13 @@ for v in range(int(sys.argv[2]), int(sys.argv[3])):
                     f"(SELECT sum(check_value % 1000003) FROM items) AS checksum")
         if v == int(sys.argv[2]):
             print("writing", flush=True)
+    # Replace version v only once the reader has seen it: on a loaded machine a free-running writer
+    # could finish every version between two reads, and the test would check nothing.
+    deadline = time.monotonic() + 120
+    while acks is not None and not (acks / str(v)).exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"the reader never saw version {v}")
+        time.sleep(0.005)
 """
 
 READ = """
@@ -62,9 +74,11 @@ def test_fret_sql_sees_the_old_or_the_new_table_never_a_partial_one(tmp_path):
     root = tmp_path / "warehouse"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", WRITER, str(root), "0", "1"], check=True, env=env, cwd=tmp_path)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), "1", str(VERSIONS)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    seen, reads, deadline = set(), 0, time.monotonic() + 60
+    acks = tmp_path / "acks"
+    acks.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), "1", str(VERSIONS), str(acks)], env=env,
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    seen, reads, deadline = set(), 0, time.monotonic() + 240
     try:
         assert writer.stdout.readline().strip() == b"writing"
         while writer.poll() is None and time.monotonic() < deadline and reads < 2000:
@@ -75,6 +89,7 @@ def test_fret_sql_sees_the_old_or_the_new_table_never_a_partial_one(tmp_path):
             assert n_rows == item_rows == 20000 + 997 * version, row  # every row of it, no more
             assert checksum == item_checksum and bad == 0, row  # and the right rows
             seen.add(version)
+            (acks / str(version)).touch()  # the writer may now replace this version
             reads += 1
     finally:
         if writer.poll() is None:
@@ -90,9 +105,22 @@ def test_fret_sql_sees_the_old_or_the_new_table_never_a_partial_one(tmp_path):
 DVC_YAML = """\
 stages:
   slow:
-    cmd: {python} -c "import pathlib, time; pathlib.Path('started').write_text('1'); time.sleep(10); pathlib.Path('out.txt').write_text('done')"
+    cmd: {python} hold.py
+    deps:
+      - hold.py
     outs:
       - out.txt
+"""
+
+
+# The stage: says it started, then holds until the test writes `release` (bounded against a hang).
+HOLD = """\
+import pathlib, time
+pathlib.Path("started").write_text("1")
+deadline = time.monotonic() + 240
+while not pathlib.Path("release").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+pathlib.Path("out.txt").write_text("done")
 """
 
 
@@ -112,6 +140,7 @@ def test_a_second_dvc_repro_is_refused_by_the_lock(tmp_path):
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, timeout=60)
     (repo / "dvc.yaml").write_text(DVC_YAML.format(python=sys.executable))
+    (repo / "hold.py").write_text(HOLD)
     first = subprocess.Popen([dvc, "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -120,11 +149,14 @@ def test_a_second_dvc_repro_is_refused_by_the_lock(tmp_path):
             assert time.monotonic() < deadline, "the first dvc repro never started its stage"
             time.sleep(0.05)
         before = state(repo)
-        second = subprocess.run([dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        # The stage holds until `release` exists, so the first run is still inside it whatever the
+        # second one's start-up costs on a loaded machine.
+        second = subprocess.run([dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=240)
         still_running = first.poll() is None
         lock_file = (repo / "dvc.lock").exists()
         after = state(repo)
-        out, _ = first.communicate(timeout=120)
+        (repo / "release").write_text("go")
+        out, _ = first.communicate(timeout=240)
     finally:
         if first.poll() is None:
             first.kill()
