@@ -52,8 +52,8 @@ def minilm_top_k(
     """Each query's top-k of `doc_ids` by all-MiniLM-L6-v2 cosine: query id -> [(doc id, score)]."""
     import numpy as np
 
-    from pipeline.embedding_cache import encode_cached, open_cache
-    from pipeline.encoder import Encoder
+    from pipeline.retrieval.embedding_cache import encode_cached, open_cache
+    from pipeline.retrieval.encoder import Encoder
 
     encoder = Encoder.load("minilm", device="cpu", threads=threads)
     cache = open_cache(EMBEDDING_CACHE)

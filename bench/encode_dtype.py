@@ -52,7 +52,7 @@ def main() -> None:
     import numpy as np
 
     from _roofline import Transformer, peaks, report
-    from pipeline.encoder import Encoder
+    from pipeline.retrieval.encoder import Encoder
 
     data = texts(args.docs, args.sentences)
     encoders = {d: Encoder.load("minilm", device="cpu", dtype=d, threads=args.threads) for d in ("float32", "bfloat16")}

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.encoder import Encoder, resolve_model_path
-    from pipeline.evaluation import MtebEncoder, read_beir, retrieval_task, run_tasks
+    from pipeline.evaluation.mteb_eval import MtebEncoder, read_beir, retrieval_task, run_tasks
+    from pipeline.retrieval.encoder import Encoder, resolve_model_path
 
     torch.set_num_threads(args.threads)
     data = read_beir(args.folder, args.split)

@@ -49,9 +49,9 @@ def main() -> None:
     from outlines.inputs import Chat
     from outlines.types import JsonSchema
 
-    from pipeline.cache import LLMCache
-    from pipeline.generate import GeneratedQuery, PromptTemplate, build_requests, clip_words, generate_queries, validate
     from pipeline.llm import JSON_WHITESPACE, load_llm
+    from pipeline.llm.cache import LLMCache
+    from pipeline.llm.generate import GeneratedQuery, PromptTemplate, build_requests, clip_words, generate_queries, validate
     from pipeline.params import BaseParams, GenerateParams, LLMParams
 
     rows = [json.loads(line) for _, line in zip(range(args.passages + 1), SCIFACT.open(encoding="utf-8"))]

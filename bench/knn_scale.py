@@ -64,7 +64,7 @@ def passage_chunks(args: argparse.Namespace, middles: np.ndarray) -> Iterator[np
 
 def training_sample(args: argparse.Namespace, middles: np.ndarray) -> np.ndarray:
     """A seeded uniform sample of the passages for IVF, picked from the chunks as the stage does."""
-    from pipeline.knn import training_sample as positions
+    from pipeline.retrieval.knn import training_sample as positions
 
     wanted = positions(args.passages, args.ivf_train, args.seed)
     parts = []
@@ -92,7 +92,7 @@ def params_for(method: str, args: argparse.Namespace):
 
 
 def run_fret(method: str, args: argparse.Namespace, queries: np.ndarray, middles: np.ndarray) -> tuple:
-    from pipeline.knn import make_search
+    from pipeline.retrieval.knn import make_search
 
     search = make_search(queries, params_for(method, args), threads=args.threads, seed=args.seed)
     build = 0.0
@@ -132,7 +132,7 @@ def worker(method: str, args: argparse.Namespace) -> None:
     """One method in this process; prints a JSON line, writes its lists to --out."""
     import faiss  # noqa: F401 - loaded before the baseline, as in every method
 
-    import pipeline.faiss_knn  # noqa: F401
+    import pipeline.retrieval.faiss_knn  # noqa: F401
 
     baseline = peak_rss_mib()
     middles = centres(args)

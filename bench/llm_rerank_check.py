@@ -1,6 +1,6 @@
 """What the LLM scores mean: rerank MiniLM's top-20 on SciFact TRAIN queries by QL, RC and their fusions.
 
-The `judge` stage's own code (`pipeline.judge.run_judge`) on the full SciFact corpus
+The `judge` stage's own code (`pipeline.evaluation.judge.run_judge`) on the full SciFact corpus
 (/work/shared/eval/scifact, qrels/train.tsv; the test split stays untouched): seeded train queries,
 MiniLM's top 20 of all 5,183 documents, every pair scored by fret's scorer (`score_relevance`, the
 stage's prompts) with the fixed task below, and nDCG@10 of the encoder, QL, RC, Gecko's fusion
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 
-    from pipeline.judge import run_judge
+    from pipeline.evaluation.judge import run_judge
 
     started = time.perf_counter()
     result = run_judge(build_params(args), progress=True)

@@ -65,10 +65,11 @@ def main() -> None:
 
     import torch
 
-    from pipeline.cache import LLMCache
     from pipeline.llm import load_llm
+    from pipeline.llm.cache import LLMCache
+    from pipeline.llm.scoring import ScoreTemplate, build_requests, score_relevance
+    from pipeline.llm.transformers_backend import PrefixScorer
     from pipeline.params import BaseParams, LLMParams, ScoreParams
-    from pipeline.scoring import PrefixScorer, ScoreTemplate, build_requests, score_relevance
 
     corpus, queries, qrels = load_scifact("train")
     pool_queries = sample_queries(queries, 2 * args.queries, args.seed)

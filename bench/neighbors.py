@@ -55,9 +55,9 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer, util
 
-    from pipeline.embedding_cache import EmbeddingCache, encode_cached
-    from pipeline.encoder import Encoder, TextFormat, resolve_model_path
-    from pipeline.knn import top_n_search
+    from pipeline.retrieval.embedding_cache import EmbeddingCache, encode_cached
+    from pipeline.retrieval.encoder import Encoder, TextFormat, resolve_model_path
+    from pipeline.retrieval.exact import top_n_search
 
     torch.set_num_threads(args.threads)
     fmt = TextFormat()

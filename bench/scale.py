@@ -11,7 +11,7 @@ Measured here (and again on the GPU when CUDA is visible), on the bundled sample
 - kNN exact:   `ExactTopN` on --knn-queries x --knn-passages random unit vectors (the encoder's dim)
 - kNN IVF:     `FaissTopN` faiss_ivf at --knn-passages; its cost per scanned vector is projected to
                nlist = 4 sqrt(corpus), nprobe --nprobe (about 8 sqrt(corpus) vectors per query)
-- train:       `pipeline.training.train` for --train-steps steps of --train-batch examples
+- train:       `pipeline.training.loop.train` for --train-steps steps of --train-batch examples
 
 The projection assumes every stage scales linearly with its items (IVF as described) and that
 --servers machines split every stage evenly (generation, scoring, embedding and search shard by
@@ -73,8 +73,8 @@ def sample_queries(n: int) -> list[str]:
 
 def measure_generation(llm, args) -> float:
     """Seconds per generated (task, query), batched as the `queries` stage runs it."""
-    from pipeline.cache import LLMCache
-    from pipeline.generate import generate_queries
+    from pipeline.llm.cache import LLMCache
+    from pipeline.llm.generate import generate_queries
     from pipeline.params import GenerateParams
 
     params = GenerateParams(batch_size=args.gen_batch, max_new_tokens=args.max_new_tokens, max_failure_rate=1.0)
@@ -92,9 +92,9 @@ def measure_scoring(llm, args) -> float:
     """
     import pyarrow as pa
 
-    from pipeline.cache import LLMCache
+    from pipeline.llm.cache import LLMCache
+    from pipeline.llm.scoring import score_relevance
     from pipeline.params import ScoreParams
-    from pipeline.scoring import score_relevance
 
     passages = sample_passages(args.score_queries * args.score_top + 1).to_pylist()
     queries = sample_queries(args.score_queries + 1)
@@ -119,7 +119,7 @@ def measure_scoring(llm, args) -> float:
 
 def measure_embedding(encoder, args) -> tuple[float, float]:
     """Seconds per passage and per query through `Encoder.encode` (Gecko unified format)."""
-    from pipeline.encoder import TextFormat
+    from pipeline.retrieval.encoder import TextFormat
 
     fmt = TextFormat()
     rows = read_jsonl(SAMPLE / "corpus.jsonl", args.embed_texts)
@@ -136,10 +136,10 @@ def measure_embedding(encoder, args) -> tuple[float, float]:
 
 def measure_training(encoder, args) -> float:
     """Seconds per training example (forward + backward of query, positive and hard negative)."""
-    from pipeline.encoder import TextFormat
-    from pipeline.losses import Example
     from pipeline.params import TrainParams
-    from pipeline.training import train
+    from pipeline.retrieval.encoder import TextFormat
+    from pipeline.training.loop import train
+    from pipeline.training.losses import Example
 
     fmt = TextFormat()
     n = args.train_batch * args.train_steps
@@ -164,7 +164,7 @@ def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 def measure_exact_knn(args, dim: int) -> float:
     """Seconds per scored (query, passage) pair of `ExactTopN` (fret's default, every pair scored)."""
-    from pipeline.knn import ExactTopN
+    from pipeline.retrieval.exact import ExactTopN
 
     rng = np.random.default_rng(args.seed)
     queries, passages = unit_vectors(rng, args.knn_queries, dim), unit_vectors(rng, args.knn_passages, dim)
@@ -200,8 +200,8 @@ class IVFCosts:
 
 def measure_ivf(args, dim: int) -> IVFCosts:
     """faiss_ivf's costs per elementary step, measured at --knn-passages."""
-    from pipeline.faiss_knn import FaissTopN, ivf_nlist
     from pipeline.params import NeighborsParams
+    from pipeline.retrieval.faiss_knn import FaissTopN, ivf_nlist
 
     rng = np.random.default_rng(args.seed)
     queries, passages = unit_vectors(rng, args.knn_queries, dim), unit_vectors(rng, args.knn_passages, dim)
@@ -242,9 +242,9 @@ def ivf_hours(costs: IVFCosts, args) -> tuple[float, float]:
 
 def measure(device: str, args) -> dict[str, float]:
     """Per-item seconds of every stage on `device`."""
-    from pipeline.encoder import Encoder
     from pipeline.llm import load_llm
     from pipeline.params import BaseParams, LLMParams
+    from pipeline.retrieval.encoder import Encoder
 
     out: dict[str, float] = {}
     base = BaseParams(threads=args.threads, device=device)

@@ -62,10 +62,10 @@ def scifact_triples(folder: Path, n: int, seed: int) -> list[tuple[str, str, str
 
 def run_fret(rows, args, fmt) -> tuple[float, float]:
     """fret's `train` on the rows; returns (seconds, mean loss)."""
-    from pipeline.encoder import Encoder
-    from pipeline.losses import Example
     from pipeline.params import TrainParams
-    from pipeline.training import train
+    from pipeline.retrieval.encoder import Encoder
+    from pipeline.training.loop import train
+    from pipeline.training.losses import Example
 
     examples = [
         Example(
@@ -89,7 +89,7 @@ def run_peer(rows, args, fmt) -> tuple[float, float]:
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
 
-    from pipeline.encoder import resolve_model_path
+    from pipeline.retrieval.encoder import resolve_model_path
 
     model = SentenceTransformer(str(resolve_model_path("minilm")[0]), device="cpu")
     model.max_seq_length = args.max_length
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from pipeline.encoder import TextFormat
-    from pipeline.training import training_dtype
+    from pipeline.retrieval.encoder import TextFormat
+    from pipeline.retrieval.encoder import training_dtype
 
     torch.set_num_threads(args.threads)
     args.fret_dtype = training_dtype(args.dtype, torch.device("cpu"))
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     # MatryoshkaLoss sums its dimensions' losses where fret averages them: put both on fret's scale.
     print(f"{'mean loss':16}{fret_loss:>10.4f}{peer_loss / len(MRL_DIMS):>10.4f}")
     from _roofline import Transformer, peaks, report
-    from pipeline.encoder import Encoder
+    from pipeline.retrieval.encoder import Encoder
 
     encoder = Encoder.load("minilm", device="cpu", max_length=args.max_length, threads=args.threads)
     model = Transformer.from_config(encoder.module.config)

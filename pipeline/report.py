@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from pipeline.warehouse import WAREHOUSE_DIR, open_readonly
+from pipeline.warehouse.files import WAREHOUSE_DIR, open_readonly
 
 # Pipeline order and the tables each stage writes (the stage that builds a missing input).
 STAGE_TABLES: dict[str, tuple[str, ...]] = {
@@ -436,7 +436,7 @@ def eval_section(metrics: Path) -> Section:
         table.append((task, metric, *scores, *([f"{delta:+.4f}"] if len(models) > 1 else [])))
     header = ["set", "metric", *models, *(["trained - base"] if len(models) > 1 else [])]
     parts = [html_table(header, table)]
-    from pipeline.evaluation import versatility_line  # numpy only: mteb loads lazily
+    from pipeline.evaluation.mteb_eval import versatility_line  # numpy only: mteb loads lazily
 
     line = versatility_line(results)
     if line:  # Gecko's claim is one model good at every category: the per-category means side by side

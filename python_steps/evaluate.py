@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.evaluation import EvalDataError, build_tasks, summary, write_outputs
+from pipeline.evaluation.mteb_eval import EvalDataError, build_tasks, summary, write_outputs
 from pipeline.params import PARAMS_FILE, ParamsError, load_params
 
 STAGE = "evaluate"
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     # Everything is local: keep datasets/huggingface_hub from trying the network (and timing out).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from pipeline.encoder import EncoderError  # torch: only once params and data are valid
-    from pipeline.evaluation import evaluate_models
+    from pipeline.evaluation.mteb_eval import evaluate_models
+    from pipeline.retrieval.encoder import EncoderError  # torch: only once params and data are valid
 
     try:
         results, identities = evaluate_models(params, root, tasks)

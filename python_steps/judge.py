@@ -3,7 +3,7 @@
 Writes `judge.metrics_path` (nDCG@10 of knn, ql, rc, fused; the weight grid; `best_weights`, which
 `select.weights: judge` reads) and `warehouse/judge.duckdb`: `judge_rankings` (query_id, passage_id,
 knn_rank, knn_score, ql_rank, rc_rank, ql_sum, rc_logodds, relevance) and `judge_report` (ranking,
-w_ql, w_rc, w_knn, ndcg_at_10, is_best). See pipeline/judge.py. `judge.queries: 0` loads no model.
+w_ql, w_rc, w_knn, ndcg_at_10, is_best). See pipeline/evaluation/judge.py. `judge.queries: 0` loads no model.
 Run from the repository root: `python -m python_steps.judge`.
 """
 
@@ -20,11 +20,11 @@ STAGE = "judge"
 def main() -> None:
     started = time.perf_counter()
     params = load_stage_params(STAGE)
-    from pipeline.encoder import EncoderError  # torch: only once params are valid
-    from pipeline.evaluation import EvalDataError
-    from pipeline.judge import run_judge, write_metrics
+    from pipeline.evaluation.judge import run_judge, write_metrics
+    from pipeline.evaluation.mteb_eval import EvalDataError
     from pipeline.llm import LLMError
-    from pipeline.scoring import ScoringError
+    from pipeline.llm import ScoringError
+    from pipeline.retrieval.encoder import EncoderError  # torch: only once params are valid
 
     try:
         result = run_judge(params, progress=True)
@@ -39,7 +39,7 @@ def main() -> None:
 
 def summary(result, metrics_path, total_s: float) -> str:
     """One screen: what was judged, with which models, and the nDCG@10 table."""
-    from pipeline.judge import summary_table
+    from pipeline.evaluation.judge import summary_table
 
     m, s = result.metrics, result.stats
     if m["queries"] == 0:

@@ -44,9 +44,10 @@ left join (select distinct passage_id from passages) p on p.passage_id = n.passa
 def main() -> None:
     started = time.perf_counter()
     params = load_stage_params(STAGE)
-    from pipeline.cache import LLMCache
     from pipeline.llm import LLMError, load_llm  # torch: only once params are valid
-    from pipeline.scoring import ScoringError, score_relevance
+    from pipeline.llm import ScoringError
+    from pipeline.llm.cache import LLMCache
+    from pipeline.llm.scoring import score_relevance
 
     try:
         llm = load_llm(params.llm, params.base)

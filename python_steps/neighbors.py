@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.embedding_cache import CacheStats, open_cache
-from pipeline.knn import IndexParamsError, MiningResult, embedding_table, mine_neighbors
 from pipeline.params import Params, load_stage_params
+from pipeline.retrieval.base import IndexParamsError
+from pipeline.retrieval.embedding_cache import CacheStats, open_cache
+from pipeline.retrieval.knn import MiningResult, embedding_table, mine_neighbors
 from pipeline.warehouse import WarehouseError, write_stage, write_table
 
 STAGE = "neighbors"
@@ -28,7 +29,7 @@ UPSTREAM = ["passages", "queries"]
 def main() -> None:
     started = time.perf_counter()
     params = load_stage_params(STAGE)
-    from pipeline.encoder import Encoder, EncoderError, TextFormat, instruction_format  # torch: once params are valid
+    from pipeline.retrieval.encoder import Encoder, EncoderError, TextFormat, instruction_format  # torch: once params are valid
 
     enc = params.encoder
     try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 
-from pipeline.cache import LLMCache
-from pipeline.generate import GenerationError, GenerationResult, PromptTemplate, generate_queries
+from pipeline.llm.cache import LLMCache
+from pipeline.llm.generate import GenerationError, GenerationResult, PromptTemplate, generate_queries
 from pipeline.params import load_stage_params
 from pipeline.warehouse import write_stage, write_table
 

@@ -23,7 +23,7 @@ from pipeline.params import Params, load_stage_params
 from pipeline.warehouse import stage_path
 
 if TYPE_CHECKING:
-    from pipeline.training import World
+    from pipeline.training.distributed import World
 
 STAGE = "train"
 LIVE_DIR = "dvclive"
@@ -37,7 +37,7 @@ def main() -> None:
     if params.train.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         raise SystemExit(relaunch(params.train.nproc_per_node))
     # torch, transformers and dvclive only once the params are valid
-    from pipeline.training import distributed
+    from pipeline.training.distributed import distributed
 
     with contextlib.ExitStack() as stack:
         try:
@@ -58,12 +58,14 @@ def relaunch(nproc: int) -> int:
 
 def run(params: Params, world: World, started: float) -> None:
     """Read the data, train, and (rank 0) log, save and print the summary."""
-    from pipeline.encoder import Encoder, EncoderError, TextFormat, instruction_format, pick_device
-    from pipeline.model_selection import DevScorer
-    from pipeline.training import (
-        Checkpoint, mix_sources, read_candidates, read_mix_source, read_triples, train, training_config,
-        training_dtype, write_model,
+    from pipeline.retrieval.encoder import (
+        Encoder, EncoderError, TextFormat, instruction_format, pick_device, training_dtype,
     )  # fmt: skip
+    from pipeline.training.checkpoint import Checkpoint
+    from pipeline.training.loop import (
+        mix_sources, read_candidates, read_mix_source, read_triples, train, training_config, write_model,
+    )  # fmt: skip
+    from pipeline.training.model_selection import DevScorer
 
     enc, tp = params.encoder, params.train
     lead = world.rank == 0

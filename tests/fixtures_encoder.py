@@ -54,7 +54,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_bert_dir: Path):
-    from pipeline.encoder import Encoder
+    from pipeline.retrieval.encoder import Encoder
 
     return Encoder.load(tiny_bert_dir, device="cpu")
 

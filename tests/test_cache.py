@@ -1,8 +1,8 @@
-"""pipeline/cache.py: the persistent LLM call cache."""
+"""pipeline/llm/cache.py: the persistent LLM call cache."""
 
 from __future__ import annotations
 
-from pipeline.cache import LLMCache, cache_key
+from pipeline.llm.cache import LLMCache, cache_key
 
 
 def test_key_is_stable_and_sensitive_to_every_part():

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.training as training
+import pipeline.training.loop as training
 from fixtures_encoder import tiny_bert_dir  # noqa: F401  (session fixture)
-from pipeline.encoder import TextFormat
-from pipeline.training import Checkpoint, read_candidates, read_triples, run_key, train
+from pipeline.retrieval.encoder import TextFormat
+from pipeline.training.checkpoint import Checkpoint, run_key
+from pipeline.training.loop import read_candidates, read_triples, train
 from test_training import fresh_encoder, small_params, write_candidates, write_triples
 
 

@@ -12,7 +12,7 @@ import pytest
 from fixtures_encoder import tiny_bert_dir  # noqa: F401 - session fixture
 from test_evaluation import SHARED, HashEncoder, TableEncoder
 
-from pipeline.evaluation import (
+from pipeline.evaluation.mteb_eval import (
     VERSATILITY,
     EvalDataError,
     MtebEncoder,
@@ -110,7 +110,7 @@ def test_clustering_subsets_are_seeded_sized_and_without_repeats():
 
 
 def test_prefixes_format_labelled_texts_as_queries_of_the_task(tmp_path):
-    from pipeline.encoder import TextFormat
+    from pipeline.retrieval.encoder import TextFormat
 
     noisy_set(tmp_path, n_train=2, n_test=1)
     tasks = [classification_task("c", tmp_path, task="Classify the intent", samples_per_label=1, n_experiments=1)]
@@ -234,9 +234,9 @@ def test_minilm_reproduces_published_classification_and_clustering_scores(tmp_pa
     """Acceptance: plain all-MiniLM-L6-v2, no prefixes, within 0.02 of MTEB's published scores
     (Banking77 accuracy 0.80042, TwentyNewsgroupsClustering V-measure 0.4649). Minutes on a CPU."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pipeline.embedding_cache import EmbeddingCache
-    from pipeline.encoder import Encoder
-    from pipeline.evaluation import CachedEncoder
+    from pipeline.evaluation.mteb_eval import CachedEncoder
+    from pipeline.retrieval.embedding_cache import EmbeddingCache
+    from pipeline.retrieval.encoder import Encoder
 
     encoder = Encoder.load("minilm", device="cpu", threads=2)
     tasks = [classification_task("banking77", SHARED / "banking77"), clustering_task("tng", SHARED / "twentynewsgroups")]

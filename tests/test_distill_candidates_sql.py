@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models import ModelError
 from pipeline.params import BaseParams, Params, SelectParams, TrainParams, sql_variables
+from pipeline.warehouse.models import ModelError
 from test_triples_sql import SQL_DIR, query, write_upstream
 
 
 def build(warehouse: Path, distill_score: str = "ql_sum", **select) -> None:
-    from pipeline.models import build_models
+    from pipeline.warehouse.models import build_models
 
     params = Params(base=BaseParams(seed=42), select=SelectParams(**select))
     variables = sql_variables(params) | {"train_distill_score": distill_score}

@@ -1,4 +1,4 @@
-"""pipeline/encoder.py: same vectors as sentence-transformers, saves what it loads, training hooks."""
+"""pipeline/retrieval/encoder.py: same vectors as sentence-transformers, saves what it loads, training hooks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fixtures_encoder import MAX_POSITIONS, SENTENCES, make_texts
 from fixtures_encoder import tiny_bert_dir, tiny_encoder, tiny_st_dir  # noqa: F401 - fixtures
 
 torch = pytest.importorskip("torch")
-from pipeline.encoder import Encoder, EncoderError, TextFormat  # noqa: E402
+from pipeline.retrieval.encoder import Encoder, EncoderError, TextFormat  # noqa: E402
 
 
 def _st_encode(folder: Path, texts: list[str], batch_size: int = 4) -> np.ndarray:
@@ -138,7 +138,7 @@ def test_text_format_is_geckos_unified_format():
 
 @pytest.mark.slow
 def test_minilm_matches_sentence_transformers():
-    from pipeline.encoder import resolve_model_path
+    from pipeline.retrieval.encoder import resolve_model_path
 
     encoder = Encoder.load("minilm", device="cpu")
     assert encoder.name == "all-MiniLM-L6-v2" and encoder.max_length == 256 and encoder.dim == 384

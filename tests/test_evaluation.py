@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation import (
+from pipeline.evaluation.mteb_eval import (
     EvalDataError,
     MtebEncoder,
     format_texts,
@@ -131,7 +131,7 @@ def test_sts_spearman_matches_hand_value(tmp_path):
 
 
 def test_prefixes_on_and_off(beir, tmp_path):
-    from pipeline.encoder import TextFormat
+    from pipeline.retrieval.encoder import TextFormat
 
     seen_on, seen_off = [], []
     task = retrieval_task("tiny", beir, task=TASK)
@@ -152,7 +152,7 @@ def test_prefixes_on_and_off(beir, tmp_path):
 
 def test_format_texts_uses_body_not_joined_text():
     batch = {"id": ["d1"], "text": ["T1 body"], "title": ["T1"], "body": ["body"]}
-    from pipeline.encoder import TextFormat
+    from pipeline.retrieval.encoder import TextFormat
 
     assert format_texts([batch], side="document", task="x", text_format=TextFormat()) == ["title: T1 | text: body"]
     assert format_texts([batch], side="document", task="x", text_format=None) == ["T1 body"]
@@ -216,7 +216,7 @@ def test_minilm_reproduces_published_mteb_scores():
     Full SciFact test + STSBenchmark test: minutes on a CPU.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pipeline.encoder import Encoder
+    from pipeline.retrieval.encoder import Encoder
 
     encoder = Encoder.load("minilm", device="cpu", threads=2)
     tasks = [retrieval_task("scifact", SHARED / "scifact"), sts_task("stsb", SHARED / "stsb")]
@@ -228,7 +228,7 @@ def test_minilm_reproduces_published_mteb_scores():
 
 def test_stage_writes_metrics_and_plot_for_base_and_trained(tmp_path, beir, capsys):
     """The stage end to end on the tiny set; the bundled MiniLM folder stands in for a trained model."""
-    from pipeline.encoder import resolve_model_path
+    from pipeline.retrieval.encoder import resolve_model_path
     from python_steps.evaluate import main
 
     trained = resolve_model_path("minilm")[0]

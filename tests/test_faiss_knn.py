@@ -1,4 +1,4 @@
-"""pipeline/faiss_knn.py: faiss_flat equals the exact search, IVF / HNSW reach a stated recall."""
+"""pipeline/retrieval/faiss_knn.py: faiss_flat equals the exact search, IVF / HNSW reach a stated recall."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from fixtures_encoder import tiny_bert_dir  # noqa: F401 - fixture
 from test_knn import HashEncoder, corpus_tables, integer_data, mine, reference_top_n
 from test_neighbors_stage import make_project
 
-from pipeline.faiss_knn import FaissTopN, ivf_nlist
-from pipeline.knn import IndexParamsError, top_n_search
 from pipeline.params import NeighborsParams, ParamsError, load_params
+from pipeline.retrieval.base import IndexParamsError
+from pipeline.retrieval.exact import top_n_search
+from pipeline.retrieval.faiss_knn import FaissTopN, ivf_nlist
 
 # Stated recall@20 against the exact search on `clustered_set` (measured: IVF nprobe 8 and HNSW
 # efSearch 64 both 1.00; IVF with nprobe 1: 0.54).

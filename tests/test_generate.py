@@ -1,4 +1,4 @@
-"""pipeline/generate.py: task types, sampling, caching, resume, failures and the output tables."""
+"""pipeline/llm/generate.py: task types, sampling, caching, resume, failures and the output tables."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import pyarrow as pa
 import pytest
 from fixtures_llm import tiny_llm, tiny_llm_dir  # noqa: F401  (pytest fixtures)
 
-from pipeline.cache import LLMCache
-from pipeline.generate import (
+from pipeline.llm import Completion
+from pipeline.llm.cache import LLMCache
+from pipeline.llm.generate import (
     GenerationError,
     draw_task_type,
     generate_queries,
     query_id,
     sample_passages,
 )
-from pipeline.llm import Completion
 from pipeline.params import GenerateParams
 
 TYPES = ["question answering", "search result", "fact checking", "sentence similarity"]
@@ -184,7 +184,7 @@ def test_greedy_with_several_queries_per_passage_is_rejected():
 
 
 def test_a_query_copied_from_the_few_shot_examples_is_invalid():
-    from pipeline.generate import PromptTemplate, validate
+    from pipeline.llm.generate import PromptTemplate, validate
 
     example = PromptTemplate().examples[0]
     text = '{"task": "Given a question, find answers", "query": "%s"}' % example["query"].upper()
@@ -193,7 +193,7 @@ def test_a_query_copied_from_the_few_shot_examples_is_invalid():
 
 
 def test_a_cached_output_that_no_longer_validates_is_recomputed(tiny_llm, tmp_path):
-    from pipeline.generate import build_requests, PromptTemplate
+    from pipeline.llm.generate import build_requests, PromptTemplate
 
     path = tmp_path / "c.duckdb"
     template = PromptTemplate()

@@ -1,4 +1,4 @@
-"""The judge check (pipeline/judge.py, python_steps/judge.py): nDCG, fusion, the weight grid, the stage.
+"""The judge check (pipeline/evaluation/judge.py, python_steps/judge.py): nDCG, fusion, the weight grid, the stage.
 
 The metrics are checked against hand computations (and pytrec_eval, which BEIR uses); the stage runs
 end to end on a tiny BEIR folder with the tiny BERT and GPT-2 built by the shared fixtures.
@@ -17,7 +17,7 @@ import pytest
 from fixtures_encoder import tiny_bert_dir  # noqa: F401  (pytest fixture)
 from fixtures_llm import tiny_llm_dir  # noqa: F401  (pytest fixture)
 
-from pipeline.judge import (
+from pipeline.evaluation.judge import (
     GECKO_WEIGHTS,
     best_weights,
     fuse,

@@ -1,4 +1,4 @@
-"""pipeline/knn.py: exact top-N equal to a full-matrix reference, ties and memory included."""
+"""pipeline/retrieval/knn.py: exact top-N equal to a full-matrix reference, ties and memory included."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.knn import embedding_table, neighbor_tables, top_n_search
+from pipeline.retrieval.exact import top_n_search
+from pipeline.retrieval.knn import embedding_table, neighbor_tables
 
 
 def reference_top_n(queries: np.ndarray, passages: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,9 +179,9 @@ def corpus_tables(n_passages: int, n_queries: int) -> tuple[pa.Table, pa.Table]:
 
 
 def mine(passages: pa.Table, queries: pa.Table, encoder, sink=None, **params):
-    from pipeline.encoder import TextFormat
-    from pipeline.knn import mine_neighbors
     from pipeline.params import NeighborsParams
+    from pipeline.retrieval.encoder import TextFormat
+    from pipeline.retrieval.knn import mine_neighbors
 
     return mine_neighbors(
         passages, queries, encoder, TextFormat(), None, NeighborsParams(**params), passage_sink=sink, threads=1

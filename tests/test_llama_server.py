@@ -26,12 +26,12 @@ import httpx
 import pyarrow as pa
 import pytest
 
-from pipeline.cache import LLMCache
-from pipeline.generate import GeneratedQuery, PromptTemplate, generate_queries, validate
 from pipeline.llm import Decoding, load_llm, resolve_model
-from pipeline.llm_openai import OpenAILLM
+from pipeline.llm.cache import LLMCache
+from pipeline.llm.generate import GeneratedQuery, PromptTemplate, generate_queries, validate
+from pipeline.llm.openai_backend import OpenAILLM
+from pipeline.llm.scoring import ScoreTemplate, score_relevance
 from pipeline.params import BaseParams, GenerateParams, LLMParams, ScoreParams
-from pipeline.scoring import ScoreTemplate, score_relevance
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,9 @@ import shutil
 import pytest
 from fixtures_llm import tiny_llm, tiny_llm_dir  # noqa: F401  (pytest fixtures)
 
-from pipeline.generate import GeneratedQuery, PromptTemplate
-from pipeline.llm import Decoding, LLMError, load_llm, resolve_dtype, resolve_model
+from pipeline.llm import Decoding, LLMError, load_llm, resolve_model
+from pipeline.llm.generate import GeneratedQuery, PromptTemplate
+from pipeline.llm.transformers_backend import resolve_dtype
 from pipeline.params import BaseParams, LLMParams
 
 MAX_NEW = 400  # the random model fills strings to their length limit: ~300 tokens at most
@@ -82,7 +83,7 @@ def test_a_row_does_not_depend_on_its_batch(tiny_llm):
 def test_stored_prefixes_and_the_padded_batch_give_the_plain_forward_logits(tiny_llm):
     import torch
 
-    from pipeline.llm import _left_padded_batch
+    from pipeline.llm.transformers_backend import _left_padded_batch
 
     tiny_llm._prefixes.clear()
     prompts = _prompts(tiny_llm, 4)  # two task types, two passages each
@@ -156,8 +157,8 @@ def test_smollm2_from_the_wheel_generates_valid_rows(tmp_path):
     """The real default model: converted from the wheel's GGUF (cached), 3 sample passages."""
     import pyarrow as pa
 
-    from pipeline.cache import LLMCache
-    from pipeline.generate import generate_queries
+    from pipeline.llm.cache import LLMCache
+    from pipeline.llm.generate import generate_queries
     from pipeline.params import GenerateParams
 
     llm = load_llm(LLMParams(dtype="float32"), BaseParams(threads=1))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fixtures_encoder import tiny_bert_dir, tiny_encoder  # noqa: F401  (session fixtures)
-from pipeline.losses import Candidate, DistillLoss, Example, GeckoLoss, candidate_mask, mrl_dims, sample_candidates
+from pipeline.training.losses import Candidate, DistillLoss, Example, GeckoLoss, candidate_mask, mrl_dims, sample_candidates
 
 
 def example(q: str, p_id: str, p: str, n_id: str | None = None, n: str | None = None) -> Example:
@@ -167,7 +167,7 @@ def test_agrees_with_sentence_transformers_mnrl_query_to_doc_and_query_to_query(
 
 
 def test_forward_embeds_and_places_missing_negatives(tiny_bert_dir):  # noqa: F811
-    from pipeline.encoder import Encoder
+    from pipeline.retrieval.encoder import Encoder
 
     encoder = Encoder.load(tiny_bert_dir, device="cpu")  # eval mode: no dropout, so repeatable
     loss_fn = GeckoLoss(0.05, mrl_dims=[16])

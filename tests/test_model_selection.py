@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fixtures_encoder import SENTENCES, tiny_bert_dir, tiny_encoder  # noqa: F401  (session fixtures)
-from pipeline.encoder import TextFormat
-from pipeline.model_selection import DevScorer, ModelSelector, cosine_spearman, mean_ndcg, ndcg, ranked
 from pipeline.params import DevParams, EvalSetParams
+from pipeline.retrieval.encoder import TextFormat
+from pipeline.training.model_selection import DevScorer, ModelSelector, cosine_spearman, mean_ndcg, ndcg, ranked
 
 TASK = "Find the passage"
 
@@ -77,7 +77,7 @@ def write_dev_sets(root: Path) -> DevParams:
 
 
 def test_dev_scorer_matches_mteb_in_the_gecko_format(tiny_encoder, tmp_path):  # noqa: F811
-    from pipeline.evaluation import MtebEncoder, retrieval_task, run_tasks, sts_task
+    from pipeline.evaluation.mteb_eval import MtebEncoder, retrieval_task, run_tasks, sts_task
 
     dev = write_dev_sets(tmp_path)
     ours = DevScorer.from_params(dev, TextFormat(), tmp_path)(tiny_encoder)

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from pipeline import warehouse as wh
 from pipeline.cli import main
-from pipeline.dag import DAG, CycleError
-from pipeline.models import ModelError, build_models, find_dependencies, load_models
+from pipeline.warehouse.dag import DAG, CycleError
+from pipeline.warehouse.models import ModelError, build_models, find_dependencies, load_models
 
 
 # ---------------------------------------------------------------- helpers (sqlmesh-style units)

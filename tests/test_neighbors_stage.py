@@ -14,8 +14,8 @@ import pytest
 from fixtures_encoder import make_texts
 from fixtures_encoder import tiny_bert_dir, tiny_encoder  # noqa: F401 - fixtures
 
-from pipeline.embedding_cache import EmbeddingCache, encode_cached, open_cache
 from pipeline.params import ParamsError, load_params
+from pipeline.retrieval.embedding_cache import EmbeddingCache, encode_cached, open_cache
 from pipeline.warehouse import write_stage, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def count_forwards(monkeypatch):
     """Counts transformer passes of every Encoder (the work the cache must save)."""
-    from pipeline.encoder import Encoder
+    from pipeline.retrieval.encoder import Encoder
 
     calls = {"n": 0}
     original = Encoder._forward
@@ -58,7 +58,7 @@ def test_cache_hits_on_rerun_and_embeds_duplicates_once(tiny_encoder, count_forw
 
 
 def test_cache_never_mixes_encoders(tiny_bert_dir, tiny_encoder, tmp_path):
-    from pipeline.encoder import Encoder
+    from pipeline.retrieval.encoder import Encoder
 
     texts = make_texts(6)
     shorter = Encoder.load(tiny_bert_dir, device="cpu", max_length=8)
@@ -72,7 +72,7 @@ def test_cache_never_mixes_encoders(tiny_bert_dir, tiny_encoder, tmp_path):
 FAKE_ENCODER_RUN = """
 import os, sys
 import numpy as np
-from pipeline.embedding_cache import EmbeddingCache, encode_cached
+from pipeline.retrieval.embedding_cache import EmbeddingCache, encode_cached
 
 class DiesOnThirdChunk:
     dim, fingerprint, calls = 4, "fake", 0

@@ -1,4 +1,4 @@
-"""pipeline/llm_openai.py against real sockets on 127.0.0.1: a port that never answers, and small
+"""pipeline/llm/openai_backend.py against real sockets on 127.0.0.1: a port that never answers, and small
 HTTP servers (http.server, one thread each) that answer in the OpenAI completions format.
 
 The canned servers tokenize with the same local tokenizer the client uses, so the QL answers have
@@ -22,12 +22,12 @@ import pyarrow as pa
 import pytest
 from fixtures_llm import tiny_llm_dir  # noqa: F401  (pytest fixture)
 
-from pipeline.cache import LLMCache
-from pipeline.generate import GeneratedQuery, generate_queries
 from pipeline.llm import LLMError, load_llm
-from pipeline.llm_openai import OpenAILLM, ServerError, ServerPool, structured_output
+from pipeline.llm.cache import LLMCache
+from pipeline.llm.generate import GeneratedQuery, generate_queries
+from pipeline.llm.openai_backend import OpenAILLM, ServerError, ServerPool, structured_output
+from pipeline.llm.scoring import ScoreTemplate, score_relevance
 from pipeline.params import BaseParams, GenerateParams, LLMParams, ParamsError, ScoreParams, load_params
-from pipeline.scoring import ScoreTemplate, score_relevance
 
 MODEL = "stub-model"
 

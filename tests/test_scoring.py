@@ -1,4 +1,4 @@
-"""LLM relevance scoring (pipeline/scoring.py, python_steps/llm_scores.py) on a tiny GPT-2.
+"""LLM relevance scoring (pipeline/llm/scoring.py, python_steps/llm_scores.py) on a tiny GPT-2.
 
 The scorer's batched, prefix-cached scores are checked against a plain reference written here:
 each full prompt through the model on its own, log-softmax, gather. The tiny model comes in two
@@ -16,9 +16,10 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from pipeline.cache import LLMCache
+from pipeline.llm.cache import LLMCache
+from pipeline.llm.scoring import PROMPT_FILE, ScoreTemplate, rank_scores, score_relevance
+from pipeline.llm.transformers_backend import PrefixScorer
 from pipeline.params import BaseParams, LLMParams, ScoreParams
-from pipeline.scoring import PROMPT_FILE, PrefixScorer, ScoreTemplate, rank_scores, score_relevance
 
 ROOT = Path(__file__).resolve().parent.parent
 CHATML = (
@@ -104,7 +105,7 @@ def reference_scores(llm, template: ScoreTemplate, title, text, query) -> tuple[
     """(ql_sum, ql_mean, rc_logodds) the plain way: one full prompt per forward pass."""
     import torch
 
-    from pipeline.scoring import clip_tokens
+    from pipeline.llm.scoring import clip_tokens
 
     text = clip_tokens(llm.tokenizer, text, PARAMS.max_passage_tokens)
     with torch.inference_mode():
@@ -144,7 +145,7 @@ def test_scores_equal_the_plain_one_pair_computation(tiny_llm, template):
 
 def test_a_prompt_alone_reuses_all_of_its_prompt_but_the_scored_tokens(tiny_llm, template):
     """A passage with one prompt left to score (the rest cached) caches the longest prefix possible."""
-    from pipeline.scoring import build_requests
+    from pipeline.llm.scoring import build_requests
 
     scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
     requests = build_requests(make_pairs().slice(0, 1), tiny_llm, PARAMS, template)  # q1/p1: QL, RC

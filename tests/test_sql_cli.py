@@ -102,7 +102,7 @@ def run_light(code: str, *args: str) -> subprocess.CompletedProcess:
 def test_sql_starts_without_torch(warehouse):
     code = (
         "import sys, time; t = time.perf_counter(); from pipeline.cli import main; "
-        "from pipeline import sqlshell; sqlshell.run_query('SELECT 1', sys.argv[1]); "
+        "from pipeline.warehouse import sqlshell; sqlshell.run_query('SELECT 1', sys.argv[1]); "
         "print(time.perf_counter() - t)"
     )
     assert float(run_light(code, str(warehouse)).stdout) < 2.0

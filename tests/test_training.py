@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fixtures_encoder import tiny_bert_dir  # noqa: F401  (session fixture)
-from pipeline.encoder import Encoder, TextFormat
 from pipeline.params import ParamsError, TrainParams, load_params
-from pipeline.training import (
-    World,
+from pipeline.retrieval.encoder import Encoder, TextFormat
+from pipeline.training.distributed import World
+from pipeline.training.loop import (
     batches,
     get_lr,
     mix_in,
@@ -207,7 +207,7 @@ def test_read_labelled_examples_pairs_same_label_negatives_other_label(tmp_path)
 
 
 def test_same_label_examples_mask_each_other(tmp_path):
-    from pipeline.losses import candidate_mask
+    from pipeline.training.losses import candidate_mask
 
     path = write_intents(tmp_path / "train.tsv", INTENTS)
     examples = read_labelled_examples(path, "t", TextFormat(), seed=3)
@@ -221,7 +221,7 @@ def test_same_label_examples_mask_each_other(tmp_path):
 
 
 def test_mix_holdout_leaves_out_exactly_the_dev_set(tmp_path):
-    from pipeline.evaluation import classification_task
+    from pipeline.evaluation.mteb_eval import classification_task
 
     rows = [(f"intent {lab} text {i}", lab) for lab in ("a", "b", "c") for i in range(60)]
     path = write_intents(tmp_path / "train.tsv", rows)
@@ -310,7 +310,7 @@ def test_world_shares_split_global_batches_in_rank_order():
 
 
 def test_training_steps_lower_the_loss(tiny_bert_dir, examples):  # noqa: F811
-    from pipeline.losses import GeckoLoss
+    from pipeline.training.losses import GeckoLoss
 
     encoder = fresh_encoder(tiny_bert_dir)
     params = small_params(batch_size=len(examples), max_steps=5, max_grad_norm=None)
@@ -358,7 +358,7 @@ def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tiny_be
     from sentence_transformers import SentenceTransformer
 
     from pipeline.params import BaseParams, EncoderParams
-    from pipeline.training import DataCounts
+    from pipeline.training.loop import DataCounts
 
     encoder = fresh_encoder(tiny_bert_dir)
     params = small_params()
@@ -386,7 +386,7 @@ def test_dvclive_writes_per_step_metrics_and_no_dvc_yaml(tiny_bert_dir, examples
     from python_steps.train import LIVE_DIR, open_live
 
     from pipeline.params import Params
-    from pipeline.training import DataCounts
+    from pipeline.training.loop import DataCounts
 
     monkeypatch.chdir(tmp_path)
     params = Params(train=small_params())
@@ -544,7 +544,7 @@ def test_selection_logs_dev_metrics_per_evaluation(tiny_bert_dir, examples, tmp_
     from python_steps.train import LIVE_DIR, open_live
 
     from pipeline.params import Params
-    from pipeline.training import DataCounts
+    from pipeline.training.loop import DataCounts
 
     monkeypatch.chdir(tmp_path)
     params = Params(train=selecting(eval_every=2))

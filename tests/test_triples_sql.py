@@ -19,9 +19,9 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline import warehouse as wh
-from pipeline.models import ModelError, build_models
 from pipeline.params import BaseParams, Params, ParamsError, SelectParams, load_params, sql_variables
-from pipeline.sqlshell import run_query
+from pipeline.warehouse.models import ModelError, build_models
+from pipeline.warehouse.sqlshell import run_query
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 

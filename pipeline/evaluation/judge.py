@@ -30,8 +30,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.evaluation import read_beir
-from pipeline.generate import stable_int
+from pipeline.evaluation.mteb_eval import read_beir
+from pipeline.llm.generate import stable_int
 from pipeline.params import JudgeParams, Params
 
 SIGNALS = ("ql", "rc", "knn")  # the ranks a weighted fusion combines
@@ -107,7 +107,7 @@ def load_judge_set(params: JudgeParams, seed: int) -> JudgeSet:
     seeded sample of the others up to `max_corpus` documents.
 
     Raises:
-        pipeline.evaluation.EvalDataError: a missing or malformed file.
+        pipeline.evaluation.mteb_eval.EvalDataError: a missing or malformed file.
     """
     data = read_beir(params.path, params.split)
     chosen = sample_ids(list(data.qrels), params.queries, seed, "judge_queries")
@@ -129,9 +129,9 @@ def retrieve(judge_set: JudgeSet, params: Params, top_n: int, progress: bool = F
         The pairs `score_relevance` takes (query_id, passage_id, knn_rank, knn_score, task, query,
         title, text), and stats (encoder identity, texts embedded, seconds).
     """
-    from pipeline.embedding_cache import encode_cached, open_cache
-    from pipeline.encoder import Encoder, TextFormat, instruction_format
-    from pipeline.knn import top_n_search
+    from pipeline.retrieval.embedding_cache import encode_cached, open_cache
+    from pipeline.retrieval.encoder import Encoder, TextFormat, instruction_format
+    from pipeline.retrieval.exact import top_n_search
 
     started = time.perf_counter()
     enc, task = params.encoder, params.judge.task
@@ -163,9 +163,9 @@ def retrieve(judge_set: JudgeSet, params: Params, top_n: int, progress: bool = F
 
 def rerank(pairs: pa.Table, params: Params, progress: bool = False) -> tuple[pa.Table, dict]:
     """QL and/or RC of every pair (`score.methods`), through the LLM cache: `score_relevance`'s ranked table."""
-    from pipeline.cache import LLMCache
     from pipeline.llm import load_llm
-    from pipeline.scoring import score_relevance
+    from pipeline.llm.cache import LLMCache
+    from pipeline.llm.scoring import score_relevance
 
     llm = load_llm(params.llm, params.base)
     with LLMCache(params.llm.cache_path) as cache:
@@ -295,8 +295,8 @@ def run_judge(params: Params, progress: bool = False) -> JudgeResult:
     `judge.queries: 0` does none of it: empty tables, null scores, and Gecko's default weights.
 
     Raises:
-        pipeline.evaluation.EvalDataError, pipeline.encoder.EncoderError, pipeline.llm.LLMError,
-        pipeline.scoring.ScoringError.
+        pipeline.evaluation.mteb_eval.EvalDataError, pipeline.retrieval.encoder.EncoderError, pipeline.llm.LLMError,
+        pipeline.llm.scoring.ScoringError.
     """
     jp, methods = params.judge, list(params.score.methods)
     top_n = jp.top_n or params.neighbors.top_n

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipeline.encoder import TextFormat
+    from pipeline.retrieval.encoder import TextFormat
 
 # Reported per task type; every name is a key of mteb's scores dict (f1 is macro F1).
 RETRIEVAL_METRICS = ("ndcg_at_10", "recall_at_100", "map_at_100")
@@ -55,7 +55,7 @@ class EvalDataError(ValueError):
 
 
 class TextEncoder(Protocol):
-    """What evaluation needs from an encoder: `pipeline.encoder.Encoder` satisfies it."""
+    """What evaluation needs from an encoder: `pipeline.retrieval.encoder.Encoder` satisfies it."""
 
     def encode(self, texts: Sequence[str], batch_size: int = ...) -> np.ndarray: ...
 
@@ -521,11 +521,11 @@ class CachedEncoder:
     trained model (a new fingerprint) is embedded.
     """
 
-    encoder: Any  # pipeline.encoder.Encoder
-    cache: Any  # pipeline.embedding_cache.EmbeddingCache | None
+    encoder: Any  # pipeline.retrieval.encoder.Encoder
+    cache: Any  # pipeline.retrieval.embedding_cache.EmbeddingCache | None
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        from pipeline.embedding_cache import encode_cached
+        from pipeline.retrieval.embedding_cache import encode_cached
 
         vectors, _ = encode_cached(self.encoder, texts, self.cache, batch_size=batch_size)
         return vectors
@@ -674,10 +674,10 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
         model's scores also hold `versatility` (see `versatility`).
 
     Raises:
-        pipeline.encoder.EncoderError: a model folder that cannot be loaded.
+        pipeline.retrieval.encoder.EncoderError: a model folder that cannot be loaded.
     """
-    from pipeline.embedding_cache import open_cache
-    from pipeline.encoder import Encoder, TextFormat, instruction_format
+    from pipeline.retrieval.embedding_cache import open_cache
+    from pipeline.retrieval.encoder import Encoder, TextFormat, instruction_format
 
     enc, ev = params.encoder, params.eval
 

@@ -22,16 +22,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.cache import CacheEntry, LLMCache, cache_key
+from pipeline.llm.base import Decoding, JsonLLM
+from pipeline.llm.cache import CacheEntry, LLMCache, cache_key
 from pipeline.params import GenerateParams
 
 # Found from the code, not the working directory (tests and `fret` may run elsewhere).
-PROMPT_FILE = Path(__file__).resolve().parent.parent / "prompts" / "generate.jinja"
+PROMPT_FILE = Path(__file__).resolve().parents[2] / "prompts" / "generate.jinja"
 NAMESPACE = "generate"
 
 
@@ -44,18 +45,6 @@ class GeneratedQuery(BaseModel):
 
     task: str = Field(pattern=r'^[^"\\\x00-\x1f]{10,120}$')
     query: str = Field(pattern=r'^[^"\\\x00-\x1f]{5,160}$')
-
-
-class JsonLLM(Protocol):
-    """What generation needs from an LLM (`pipeline.llm.LLM` is one; tests wrap it)."""
-
-    identity: str
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
-
-    def generate_json(
-        self, prompts: list[str], schema: type[BaseModel], decodings: list, max_new_tokens: int, retry: Callable | None = None
-    ) -> list: ...
 
 
 class GenerationError(RuntimeError):
@@ -254,8 +243,6 @@ def _run_batch(
     of the batch is recorded as a failure (never cached, so the next run tries again) and the stage
     goes on: one crashing batch must not cost the work of all the others.
     """
-    from pipeline.llm import Decoding
-
     error: Exception | None = None
     for _ in range(params.max_retries + 1):
         finished: dict[str, dict[str, Any]] = {}
@@ -281,8 +268,6 @@ def _checker(
 ) -> Callable[[int, Any], Any]:
     """The `retry` callback of `generate_json` for `batch`: validate row i's attempt; keep it in
     `finished` (or `failures`, when out of retries), or return the Decoding of its next attempt."""
-    from pipeline.llm import Decoding
-
     attempts = [0] * len(batch)
 
     def check(i: int, out: Any) -> Decoding | None:

@@ -1,7 +1,8 @@
 """The LLM behind an OpenAI-compatible server (vLLM, llama.cpp, SGLang, ...): `llm.backend: openai`.
 
-`load_server_llm` returns an `OpenAILLM`, which the `queries` and `llm_scores` stages use in place of
-the in-process `pipeline.llm.LLM`: same prompts, same tables, same LLM cache (pipeline/cache.py).
+`load_server_llm` returns an `OpenAILLM`, this backend's `pipeline.llm.base.LLM` (its scorer is
+`ServerScorer`), which the LLM stages use as they use the in-process one: same prompts, same tables,
+same LLM cache (pipeline/llm/cache.py).
 
 - Prompts are built here, with the local tokenizer and chat template of `llm.model` (the server's
   own tokenizer must be the same: QL checks the token counts), and sent as plain text to
@@ -14,7 +15,7 @@ the in-process `pipeline.llm.LLM`: same prompts, same tables, same LLM cache (pi
   `structured_outputs` (vLLM >= 0.12). Outlines has no adapter for llama-cpp-python's server, which
   takes only a GBNF `grammar` on `/completions`: that grammar comes from llama-cpp-python's own
   JSON-schema converter (`json_output: grammar`, which needs `llama_cpp` importable here). Every
-  output is validated by the caller with the schema (pipeline/generate.py), as in-process.
+  output is validated by the caller with the schema (pipeline/llm/generate.py), as in-process.
 - QL: `/completions` with `echo`, `logprobs` and `max_tokens: 1` returns the log-probability of
   every prompt token, then the completion's `usage.completion_tokens` tokens; the query's tokens
   are the prompt's last n, n counted with the local tokenizer by the in-process rule (tokens ending
@@ -50,13 +51,22 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from pipeline.llm import Completion, Decoding, LLMError, resolve_model
+from pipeline.llm.base import (
+    JSON_WHITESPACE,
+    QL,
+    ChatPrompts,
+    Completion,
+    Decoding,
+    LLMError,
+    ScoreRequest,
+    ScoringError,
+    answer_token_ids,
+)
+from pipeline.llm.weights import resolve_model
 from pipeline.params import LLMParams
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
-
-    from pipeline.scoring import ScoreRequest
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 API_KEY_ENV = "OPENAI_API_KEY"
@@ -207,7 +217,7 @@ def _served_model(pool: ServerPool, wanted: str | None) -> tuple[str, str]:
     return chosen[0], names[0]
 
 
-class OpenAILLM:
+class OpenAILLM(ChatPrompts):
     """What the `queries` and `llm_scores` stages need from an LLM, answered by a server.
 
     Attributes:
@@ -224,19 +234,6 @@ class OpenAILLM:
         self.device = RemoteDevice(f"server x{len(pool.urls)}")
         self._model_name = model  # the `model` field of every request
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """As `pipeline.llm.LLM.chat_prompt`: the local chat template, assistant turn opened."""
-        if self.has_chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in messages) + "\n\n"
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"]
-
     def completion_body(self, prompt: str, **fields: Any) -> dict[str, Any]:
         return {"model": self._model_name, "prompt": prompt, "stream": False, **fields}
 
@@ -248,7 +245,7 @@ class OpenAILLM:
         max_new_tokens: int,
         retry: Callable[[int, Completion], Decoding | None] | None = None,
     ) -> list[Completion]:
-        """As `pipeline.llm.LLM.generate_json`, every prompt (and every retry) in flight at once.
+        """As `pipeline.llm.base.JsonLLM.generate_json`, every prompt (and every retry) in flight at once.
 
         `retry` runs on the calling thread, one completion at a time, so it needs no lock."""
         if len(prompts) != len(decodings):
@@ -293,7 +290,7 @@ class OpenAILLM:
         return Completion(text, int(tokens), choice.get("finish_reason") == "stop")
 
     def scorer(self, yes_words: Sequence[str], no_words: Sequence[str]) -> "ServerScorer":
-        """The scorer `pipeline.scoring.score_relevance` takes in place of its `PrefixScorer`."""
+        """This backend's scorer, which `pipeline.llm.scoring.score_relevance` drives."""
         return ServerScorer(self, yes_words, no_words)
 
     def close(self) -> None:
@@ -311,8 +308,6 @@ def structured_output(schema: type["BaseModel"], mode: str) -> dict[str, Any]:
     if mode == "structured_outputs":
         from outlines.models.vllm import VLLMTypeAdapter
 
-        from pipeline.llm import JSON_WHITESPACE
-
         return VLLMTypeAdapter().format_output_type(JsonSchema(schema, whitespace_pattern=JSON_WHITESPACE))
     from outlines.models.openai import OpenAITypeAdapter
 
@@ -328,7 +323,7 @@ def _gbnf(schema_json: str) -> str:
 
 
 class ServerScorer:
-    """QL and RC scores from the server, with the interface of `pipeline.scoring.PrefixScorer`.
+    """QL and RC scores from the server, this backend's `pipeline.llm.base.Scorer`.
 
     Attributes:
         forward_rows: prompts scored; forward_tokens / prompt_tokens: tokens of those prompts, as the
@@ -341,8 +336,6 @@ class ServerScorer:
     shares_prefixes = False
 
     def __init__(self, llm: OpenAILLM, yes_words: Sequence[str], no_words: Sequence[str]):
-        from pipeline.scoring import ScoringError, answer_token_ids
-
         self.llm = llm
         self.yes = self._spellings(answer_token_ids(llm.tokenizer, yes_words))
         self.no = self._spellings(answer_token_ids(llm.tokenizer, no_words))
@@ -356,10 +349,8 @@ class ServerScorer:
         # Servers name top tokens by their text, so the ids become texts (" yes", "Yes", ...).
         return {self.llm.tokenizer.decode([i]) for i in ids}
 
-    def tokenize(self, requests: Sequence["ScoreRequest"]) -> list[tuple["ScoreRequest", int, int]]:
+    def tokenize(self, requests: Sequence[ScoreRequest]) -> list[tuple[ScoreRequest, int, int]]:
         """(request, prompt tokens, query tokens), counted locally by PrefixScorer's rule."""
-        from pipeline.scoring import QL, ScoringError
-
         rows = []
         for r in requests:
             enc = self.llm.tokenizer(r.prompt, add_special_tokens=not self.llm.has_chat_template,
@@ -376,13 +367,11 @@ class ServerScorer:
             rows.append((r, len(offsets), n_query))
         return rows
 
-    def score_group(self, rows: Sequence[tuple["ScoreRequest", int, int]], batch_size: int,
+    def score_group(self, rows: Sequence[tuple[ScoreRequest, int, int]], batch_size: int,
                     skip: Container[str] = ()) -> Iterator[dict[str, dict[str, float]]]:
         """All rows not in `skip` in flight at once (up to the pool's concurrency); yields {key: value}
         per `batch_size` finished, so the caller caches as answers arrive. A server scores each prompt
         on its own, so unlike PrefixScorer no cached neighbour needs running again."""
-        from pipeline.scoring import QL
-
         futures = {}
         for r, n_prompt, n_query in (row for row in rows if row[0].key not in skip):
             if r.method == QL:
@@ -411,10 +400,8 @@ class ServerScorer:
         if values:
             yield values
 
-    def _ql(self, answer: dict[str, Any], r: "ScoreRequest", n_prompt: int, n_query: int) -> dict[str, float]:
+    def _ql(self, answer: dict[str, Any], r: ScoreRequest, n_prompt: int, n_query: int) -> dict[str, float]:
         """Sum and mean log-prob of the prompt's last `n_query` tokens (the query's)."""
-        from pipeline.scoring import ScoringError
-
         logprobs = _logprobs(answer)
         tokens, values = logprobs["tokens"], logprobs["token_logprobs"]
         usage = answer.get("usage") or {}

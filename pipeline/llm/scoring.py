@@ -12,11 +12,9 @@
 `score.methods` picks which of the two are computed; a method left out gets NULL scores and ranks.
 
 Prompts come from `prompts/score.jinja` and put the passage first, so all the prompts of one passage
-(both methods, every query that retrieved it) start with the same tokens. `PrefixScorer` runs that
-shared prefix once per passage, repeats its KV cache across a batch of the passage's prompts and
-runs only their differing tails, keeping logits only where a score reads them. This gives the scores
-of the plain computation (each full prompt through the model, log-softmax, gather), up to float
-rounding; tests/test_scoring.py checks it.
+(both methods, every query that retrieved it) start with the same tokens. The forward passes are
+the backend's `Scorer` (`llm.scorer(...)`): in-process, `PrefixScorer` runs that shared prefix once
+per passage (pipeline/llm/transformers_backend.py); a server scores each prompt on its own.
 
 Each prompt is one LLM-cache entry (key: model identity, full prompt, method, `METHOD_VERSION`),
 written per forward batch: a re-run, a resume after a crash or a change to selection or training
@@ -28,27 +26,21 @@ Heavy imports (torch, transformers) happen inside functions: only stages import 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import time
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
-from pipeline.cache import LLMCache, cache_key
+from pipeline.llm.base import LLM, QL, RC, Scorer, ScoreRequest
+from pipeline.llm.cache import LLMCache, cache_key
 from pipeline.params import ScoreParams
 
-if TYPE_CHECKING:
-    import torch
-
-    from pipeline.llm import LLM
-
-PROMPT_FILE = Path(__file__).resolve().parent.parent / "prompts" / "score.jinja"
+PROMPT_FILE = Path(__file__).resolve().parents[2] / "prompts" / "score.jinja"
 NAMESPACE = "score"
-QL, RC = "ql", "rc"
 # Bump when the computation of a score changes for the same prompt (answer-token rule, target span):
 # it is part of every cache key, so old entries stop matching.
 METHOD_VERSION = 1
@@ -90,10 +82,6 @@ order by query_id, knn_rank, passage_id
 """
 
 
-class ScoringError(RuntimeError):
-    """A prompt or tokenizer that cannot give a score (no query tokens, no single-token yes/no)."""
-
-
 class ScoreTemplate:
     """The Jinja prompt file: `system`, `passage`, `query_likelihood`, `relevance` macros and the
     `yes_words` / `no_words` the RC answer is read from."""
@@ -113,27 +101,14 @@ class ScoreTemplate:
         user = f"{self._module.passage(title, text)}\n\n{instruction}"
         return [{"role": "system", "content": str(self._module.system())}, {"role": "user", "content": user}]
 
-    def query_likelihood(self, llm: "LLM", title: str | None, text: str, task: str, query: str) -> tuple[str, int]:
+    def query_likelihood(self, llm: LLM, title: str | None, text: str, task: str, query: str) -> tuple[str, int]:
         """The QL prompt with the query as the assistant's reply, and the offset where the query starts."""
         head = llm.chat_prompt(self._messages(title, text, str(self._module.query_likelihood(task))))
         return head + query, len(head)
 
-    def relevance(self, llm: "LLM", title: str | None, text: str, task: str, query: str) -> str:
+    def relevance(self, llm: LLM, title: str | None, text: str, task: str, query: str) -> str:
         """The RC prompt, ending where the assistant's answer (yes / no) starts."""
         return llm.chat_prompt(self._messages(title, text, str(self._module.relevance(task, query))))
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """One prompt to score: a (query, passage) pair and one method."""
-
-    query_id: str
-    passage_id: str
-    knn_rank: int
-    method: str  # QL or RC
-    prompt: str
-    target_start: int  # QL: character offset of the query in `prompt`; RC: len(prompt)
-    key: str  # cache key
 
 
 @dataclass
@@ -151,7 +126,7 @@ def clip_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
 
 
 def build_requests(
-    pairs: pa.Table, llm: "LLM", params: ScoreParams, template: ScoreTemplate
+    pairs: pa.Table, llm: LLM, params: ScoreParams, template: ScoreTemplate
 ) -> list[ScoreRequest]:
     """One request per pair and method of `params.methods` (QL, RC), with its prompt and cache key.
 
@@ -176,200 +151,26 @@ def build_requests(
     return requests
 
 
-def _key(llm: "LLM", method: str, prompt: str, answers: dict | None = None) -> str:
+def _key(llm: LLM, method: str, prompt: str, answers: dict | None = None) -> str:
     return cache_key(model=llm.identity, method=method, version=METHOD_VERSION, prompt=prompt, answers=answers)
-
-
-@dataclass(frozen=True)
-class _Row:
-    """A tokenized request: its ids and the first position whose logits a score reads."""
-
-    request: ScoreRequest
-    ids: list[int]
-    first_logit: int  # QL: position before the first query token; RC: the last position
-
-
-class PrefixScorer:
-    """Forward passes for score requests, the passage prefix computed once per passage.
-
-    Attributes:
-        forward_rows: prompts scored so far (tests count them to check that a resume redoes nothing).
-        forward_tokens: tokens run through the model; `prompt_tokens`: tokens the prompts hold.
-    """
-
-    shares_prefixes = True  # score_relevance hands it one passage's prompts at a time
-
-    def __init__(self, llm: "LLM", yes_words: Sequence[str], no_words: Sequence[str]):
-        self.llm = llm
-        self.yes_ids = answer_token_ids(llm.tokenizer, yes_words)
-        self.no_ids = answer_token_ids(llm.tokenizer, no_words)
-        if not self.yes_ids or not self.no_ids:
-            raise ScoringError(f"no single-token spelling of {list(yes_words)} or {list(no_words)} in the tokenizer")
-        if set(self.yes_ids) & set(self.no_ids):
-            raise ScoringError("a token counts as both yes and no")
-        self._cache_arg = _cache_argument(llm.model)
-        self.forward_rows = 0
-        self.forward_tokens = 0
-        self.prompt_tokens = 0
-
-    def tokenize(self, requests: Sequence[ScoreRequest]) -> list[_Row]:
-        """Token ids of each full prompt, and where its score is read (from the tokenizer's offsets)."""
-        if not requests:
-            return []
-        add_special = not self.llm.has_chat_template  # a chat prompt holds its special tokens already
-        enc = self.llm.tokenizer(
-            [r.prompt for r in requests], add_special_tokens=add_special, return_offsets_mapping=True
-        )
-        rows = []
-        for r, ids, offsets in zip(requests, enc["input_ids"], enc["offset_mapping"]):
-            # Drop special tokens a tokenizer appends (an EOS): the prompt's text ends the sequence.
-            while offsets and offsets[-1][1] <= offsets[-1][0]:
-                ids, offsets = ids[:-1], offsets[:-1]
-            if r.method == QL:
-                # The query's tokens: those ending inside it (a leading space merged into the first
-                # query word belongs to the query; the template text before it does not).
-                first = next((i for i, (_, end) in enumerate(offsets) if end > r.target_start), len(ids))
-                if first == 0 or first == len(ids):
-                    raise ScoringError(f"QL prompt of {r.query_id}/{r.passage_id}: no query tokens to score")
-                rows.append(_Row(r, list(ids), first - 1))
-            else:
-                rows.append(_Row(r, list(ids), len(ids) - 1))
-        return rows
-
-    def score_group(
-        self, rows: Sequence[_Row], batch_size: int, skip: Container[str] = ()
-    ) -> Iterator[dict[str, dict[str, float]]]:
-        """Score rows that share a passage; yields {cache key: value} per forward batch.
-
-        The rows' common token prefix (stopping before the first position any row reads logits
-        from) runs once; each batch runs only the rows' tails on a copy of its KV cache. A batch
-        whose keys are all in `skip` is not run; in a batch that is run, only keys not in `skip`
-        are yielded (what is already stored stays as stored).
-        """
-        # One method per batch (an edited QL or RC prompt then leaves the other method's batches
-        # cached whole), similar lengths together (less padding).
-        batches = []
-        for method in sorted({r.request.method for r in rows}):
-            ordered = sorted((r for r in rows if r.request.method == method), key=lambda r: (len(r.ids), r.request.key))
-            batches += [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
-        batches = [b for b in batches if any(r.request.key not in skip for r in b)]
-        if not batches:
-            return
-        prefix = _common_prefix([r.ids for r in rows])[: min(r.first_logit for r in rows)]
-        base_cache = self._run_prefix(prefix) if prefix else None
-        for batch in batches:
-            values = self._score_batch(batch, len(prefix), base_cache)
-            yield {k: v for k, v in values.items() if k not in skip}
-
-    def _run_prefix(self, prefix: list[int]) -> Any:
-        import torch
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.llm.model.config)
-        input_ids = torch.tensor([prefix], device=self.llm.device)
-        with torch.inference_mode():
-            self.llm.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
-        self.forward_tokens += len(prefix)
-        return cache
-
-    def _score_batch(self, batch: Sequence[_Row], prefix_len: int, base_cache: Any) -> dict[str, dict[str, float]]:
-        import torch
-
-        tails = [r.ids[prefix_len:] for r in batch]
-        width = max(len(t) for t in tails)
-        # Right padding: a causal model's real tokens never attend to the pads after them, and
-        # positions stay those of the unpadded prompt, so no mask or position ids are needed.
-        pad = next((t for t in (self.llm.tokenizer.pad_token_id, self.llm.tokenizer.eos_token_id) if t is not None), 0)
-        input_ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=self.llm.device)
-        kwargs: dict[str, Any] = {}
-        if base_cache is not None:
-            cache = copy.deepcopy(base_cache)
-            cache.batch_repeat_interleave(len(batch))
-            kwargs[self._cache_arg] = cache
-        # Logits only from the first position any row reads: the LM head over the whole vocabulary
-        # at every position would be a large share of the cost of these short tails.
-        first = min(r.first_logit for r in batch) - prefix_len
-        keep = width - first
-        with torch.inference_mode():
-            out = self.llm.model(input_ids=input_ids, use_cache=base_cache is not None, logits_to_keep=keep, **kwargs)
-        logits = out.logits  # (batch, keep, vocab): position p of a tail sits at p - first
-        self.forward_rows += len(batch)
-        self.forward_tokens += sum(len(t) for t in tails)
-        self.prompt_tokens += sum(len(r.ids) for r in batch)
-        values = {}
-        for i, row in enumerate(batch):
-            start = row.first_logit - prefix_len - first
-            end = len(row.ids) - 1 - prefix_len - first  # the last real token's logits
-            if row.request.method == QL:
-                values[row.request.key] = self._ql(logits[i, start:end], row.ids[row.first_logit + 1 :])
-            else:
-                values[row.request.key] = self._rc(logits[i, end])
-        return values
-
-    def _ql(self, logits: "torch.Tensor", targets: list[int]) -> dict[str, float]:
-        import torch
-
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        index = torch.tensor(targets, device=logprobs.device).unsqueeze(1)
-        token_lp = logprobs.gather(1, index).squeeze(1).double()
-        total = float(token_lp.sum())
-        return {"sum": total, "mean": total / len(targets), "tokens": len(targets)}
-
-    def _rc(self, logits: "torch.Tensor") -> dict[str, float]:
-        import torch
-
-        logprobs = torch.log_softmax(logits.float(), dim=-1).double()
-        yes = float(torch.logsumexp(logprobs[self.yes_ids], dim=0))
-        no = float(torch.logsumexp(logprobs[self.no_ids], dim=0))
-        return {"logodds": yes - no, "log_p_yes": yes, "log_p_no": no}
-
-
-def answer_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
-    """Token ids of the single-token spellings of `words`, each with and without a leading space."""
-    ids = set()
-    for word in words:
-        for spelling in (word, " " + word):
-            tokens = tokenizer(spelling, add_special_tokens=False)["input_ids"]
-            if len(tokens) == 1:
-                ids.add(tokens[0])
-    return sorted(ids)
-
-
-def _common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
-    first = list(rows[0])
-    n = len(first)
-    for row in rows[1:]:
-        n = min(n, len(row))
-        for i in range(n):
-            if row[i] != first[i]:
-                n = i
-                break
-    return first[:n]
-
-
-def _cache_argument(model: Any) -> str:
-    """transformers 5 renamed the forward argument `past_key_values` to `cache`."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def score_relevance(
     pairs: pa.Table,
-    llm: "LLM",
+    llm: LLM,
     params: ScoreParams,
     cache: LLMCache,
     template: ScoreTemplate | None = None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
-    scorer: PrefixScorer | None = None,
+    scorer: Scorer | None = None,
 ) -> ScoringResult:
     """QL and/or RC (`params.methods`) for every pair, through the LLM cache, ranked within each query;
     see the module docstring.
 
     Args:
         pairs: query_id, passage_id, knn_rank, task, query, title, text (one row per mined pair).
-        llm: a loaded `pipeline.llm.LLM`.
+        llm: a loaded `pipeline.llm.base.LLM` (any backend).
         cache: finished prompts are read from it and written to it after every forward batch.
         on_batch: called with the number of finished batches after each is cached (tests use it).
         scorer: reuse one (and its counters) across calls; if None, `llm.scorer(...)` with the template's answers.
@@ -421,7 +222,7 @@ def score_relevance(
     return ScoringResult(scores, stats)
 
 
-def _work_units(scorer: Any, unique: list[ScoreRequest], todo: list[ScoreRequest]) -> list[list[ScoreRequest]]:
+def _work_units(scorer: Scorer, unique: list[ScoreRequest], todo: list[ScoreRequest]) -> list[list[ScoreRequest]]:
     """What each `score_group` call gets.
 
     A scorer that shares each passage's prompt prefix (in-process) gets one passage's prompts at a

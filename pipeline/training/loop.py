@@ -3,7 +3,7 @@
 `read_triples` / `read_pairs` turn rows into `Example`s in the unified format, `read_candidates`
 reads the LLM-scored candidate lists of the optional distillation term, `train` runs AdamW with
 warmup + linear decay on `GeckoLoss` (+ `DistillLoss`), optionally keeping the best step on dev
-sets (`pipeline.model_selection`) and saving a resumable `Checkpoint` every few steps, and
+sets (`pipeline.training.model_selection`) and saving a resumable `Checkpoint` every few steps, and
 `write_model` saves a sentence-transformers folder with a model card and the training config beside
 the weights (as nanoGPT keeps its config in the checkpoint). Same params and seed give identical
 weights on CPU in float32, whether the run went through in one go or was killed and resumed.
@@ -13,26 +13,25 @@ Imported only by the train stage and the bench (torch loads at import time).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.losses import Candidate, DistillLoss, Example, GeckoLoss, candidate_mask, mrl_dims
-from pipeline.model_selection import ModelSelector, Scorer
+from pipeline.training.checkpoint import Checkpoint, agreed_state, rng_state, set_rng_state
+from pipeline.training.distributed import World, broadcast_weights, gather_rows, sum_gradients
+from pipeline.training.losses import Candidate, DistillLoss, Example, GeckoLoss, candidate_mask, mrl_dims
+from pipeline.training.model_selection import ModelSelector, Scorer
 
 TRIPLES_COLUMNS = [
     "query_id", "task_type", "task", "query", "positive_id", "positive_title", "positive_text",
@@ -95,7 +94,7 @@ def read_triples(
     """Read table `triples` from a DuckDB file (read-only) into examples, in a fixed order.
 
     Args:
-        text_format: a `pipeline.encoder.TextFormat` (the unified format).
+        text_format: a `pipeline.retrieval.encoder.TextFormat` (the unified format).
         symmetric_task_types: task types whose passages are formatted like the query, with the same
             task (Gecko's symmetric format for sentence similarity: both sides of such a pair are
             the same kind of text, so they should be embedded the same way).
@@ -200,12 +199,12 @@ def read_labelled_examples(
 
     Args:
         holdout: texts whose content hash falls in this share are left out: the dev set that
-            `eval.classification` scores with the same holdout (`pipeline.evaluation.held_out`).
+            `eval.classification` scores with the same holdout (`pipeline.evaluation.mteb_eval.held_out`).
 
     Raises:
-        pipeline.evaluation.EvalDataError (a ValueError): a malformed file (file and line named).
+        pipeline.evaluation.mteb_eval.EvalDataError (a ValueError): a malformed file (file and line named).
     """
-    from pipeline.evaluation import held_out, read_labelled
+    from pipeline.evaluation.mteb_eval import held_out, read_labelled
 
     data = read_labelled(Path(path))
     by_label: dict[str, list[str]] = {}
@@ -435,293 +434,6 @@ def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> t
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
-def training_dtype(choice: str, device: torch.device) -> str:
-    """The autocast dtype to train in: "auto" is bfloat16 where the hardware computes it natively.
-
-    That is a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or AMX; elsewhere bf16 is
-    emulated and slower than float32. Weights, optimizer state and the loss stay float32.
-    """
-    if choice != "auto":
-        return choice
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    # Private helpers of torch.cpu (used by inductor); a torch without them reads as "not native".
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    native = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-    return "bfloat16" if device.type == "cpu" and native else "float32"
-
-
-# --- data parallel --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in data-parallel training: rank 0 of 1 without torch.distributed."""
-
-    rank: int = 0
-    size: int = 1
-
-    @classmethod
-    def current(cls) -> "World":
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    def shares(self, n: int) -> list[int]:
-        """Rows of an n-row global batch per rank: contiguous, sizes differing by at most one."""
-        base, extra = divmod(n, self.size)
-        return [base + (r < extra) for r in range(self.size)]
-
-    def own(self, n: int) -> slice:
-        """This rank's rows of an n-row global batch."""
-        shares = self.shares(n)
-        start = sum(shares[: self.rank])
-        return slice(start, start + shares[self.rank])
-
-
-@contextlib.contextmanager
-def distributed(device: str) -> Iterator[World]:
-    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1).
-
-    One process per GPU on CUDA (backend nccl, GPU = LOCAL_RANK), gloo on CPU. Outside torchrun it
-    yields `World()` and does nothing.
-
-    Raises:
-        ValueError: more processes on this node than visible GPUs.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield World()
-        return
-    import torch.distributed as dist
-
-    from pipeline.encoder import pick_device
-
-    on_cuda = pick_device(device).type == "cuda"
-    if on_cuda:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"process {local_rank} of this node has no GPU: {torch.cuda.device_count()} visible")
-        torch.cuda.set_device(local_rank)  # "cuda" then means this process's own GPU
-    dist.init_process_group("nccl" if on_cuda else "gloo")
-    try:
-        yield World.current()
-    finally:
-        dist.destroy_process_group()
-
-
-def _gather_rows(local: torch.Tensor, shares: list[int], rank: int) -> torch.Tensor:
-    """Every rank's rows, in rank order; the gradient flows back into this rank's own rows only.
-
-    The other ranks' rows arrive detached. Each rank computes the whole global batch's loss and
-    backpropagates it through its own rows; summed over ranks (`_sum_gradients`) that is exactly
-    the gradient one process computes for the whole batch.
-    """
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    # all_gather wants equal shapes: pad to the largest share, cut the padding off after.
-    padded = F.pad(local, (0, 0, 0, max(shares) - local.shape[0]))
-    parts = [torch.empty_like(padded) for _ in shares]
-    dist.all_gather(parts, padded.detach().contiguous())
-    parts[rank] = padded
-    return torch.cat([part[:share] for part, share in zip(parts, shares)])
-
-
-def _sum_gradients(module: torch.nn.Module) -> None:
-    """Add up every rank's gradients in place with one all-reduce (DDP's job, done by hand).
-
-    A sum, not DDP's mean: each rank backpropagated the whole global batch's loss through its own
-    rows, so the parts add up to the full gradient. By hand because a step runs two forward passes
-    (queries, passages) through the module that `Encoder` wraps, which DDP's wrapper does not fit.
-
-    A parameter that has no gradient on any rank (BERT's unused pooler) stays None, as in one
-    process, so that AdamW skips it there too instead of decaying it.
-    """
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    params = [p for p in module.parameters() if p.requires_grad]
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
-    used = [p for p, flag in zip(params, has_grad.tolist()) if flag]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in used]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    for p, total in zip(used, _unflatten_dense_tensors(flat, grads)):
-        p.grad = total
-
-
-def _broadcast_weights(module: torch.nn.Module) -> None:
-    """Start every rank from rank 0's weights (as DDP does), whatever each one loaded."""
-    import torch.distributed as dist
-
-    for tensor in module.state_dict().values():
-        dist.broadcast(tensor, src=0)
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = 1
-_CHECKPOINT_FIELDS = {"format", "key", "step", "total", "model", "optimizer", "rng", "losses", "distill_losses",
-                      "seen", "seconds", "selection", "live"}  # fmt: skip
-
-
-def run_key(
-    params, *, seed: int, examples: Sequence[Example], candidates: Mapping[str, Sequence[Candidate]] | None = None,
-    dev: Any = None, context: Any = (), world_size: int = 1,
-) -> str:  # fmt: skip
-    """A hash of everything that decides a run's weights: a checkpoint is resumed only by its own run.
-
-    It covers the train params but checkpoint_every (how often to save changes no weight), the seed,
-    the examples and candidate lists themselves (their content, not their file: DuckDB files differ
-    byte for byte between identical builds), the dev sets when they are data (a `DevScorer`), the
-    number of processes, and `context`: what the caller adds (the stage: the encoder's fingerprint,
-    the encoder and base params).
-    """
-    digest = hashlib.sha256()
-    dev_part = repr(dev) if is_dataclass(dev) else type(dev).__qualname__
-    head = [params.model_dump(mode="json", exclude={"checkpoint_every"}), seed, world_size, dev_part, context]
-    digest.update(repr(head).encode())
-    for example in examples:
-        digest.update(repr(example).encode())
-    for query in sorted(candidates or {}):
-        digest.update(repr((query, candidates[query])).encode())
-    return digest.hexdigest()[:24]
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Where a run keeps its resumable state: one file per run key and rank, replaced atomically.
-
-    The stage keeps it outside the DVC outs (`.fret/checkpoints/train/`), so that DVC neither tracks
-    nor deletes it. Saving removes other runs' checkpoints (the folder holds one run's at most), and
-    the stage removes the run's own once the model is saved. A kill leaves the previous file whole
-    (temporary + os.replace); a file cut short some other way is ignored with a warning on load.
-    """
-
-    folder: Path
-    key: str  # `run_key`
-    every: int  # train.checkpoint_every
-    rank: int = 0
-
-    @classmethod
-    def for_run(cls, folder: str | Path, params, *, world: World | None = None, **run: Any) -> "Checkpoint | None":
-        """The checkpoint of the run `params` (`TrainParams`) and `run` (`run_key`'s arguments) describe;
-        None when params.checkpoint_every is null."""
-        if params.checkpoint_every is None:
-            return None
-        world = world or World()
-        key = run_key(params, world_size=world.size, **run)
-        if world.size > 1:  # only rank 0 holds the dev sets: its key names every rank's file
-            import torch.distributed as dist
-
-            box = [key]
-            dist.broadcast_object_list(box, src=0)
-            key = box[0]
-        return cls(Path(folder), key, params.checkpoint_every, world.rank)
-
-    @property
-    def path(self) -> Path:
-        return self.folder / f"{self.key}-rank{self.rank}.pt"
-
-    def due(self, step: int, total: int) -> bool:
-        """Whether to save after `step` updates; never after the last (the model itself is saved then)."""
-        return step % self.every == 0 and step < total
-
-    def save(self, state: dict[str, Any]) -> None:
-        """Write `state` under this run's key: to a temporary file, then renamed over the previous one.
-
-        No fsync: a killed process loses nothing the kernel holds, and a file a power cut leaves
-        short fails to load and is ignored.
-        """
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{self.path.name}.tmp-{os.getpid()}"
-        try:
-            torch.save({"format": CHECKPOINT_FORMAT, "key": self.key, **state}, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        for other in self.folder.iterdir():
-            ours = other.name.startswith((self.key, f".{self.key}"))  # any rank's file or save in progress
-            debris = other.name.startswith(f".{self.path.name}.tmp-")  # this rank's killed saves
-            if other.is_file() and (debris or not ours):
-                other.unlink(missing_ok=True)
-
-    def load(self, total: int) -> dict[str, Any] | None:
-        """The saved state of this run (`total` steps), or None: no file, or one that cannot be used."""
-        if not self.path.is_file():
-            return None
-        try:
-            with warnings.catch_warnings():  # torch's own remarks on a garbled file: ours below says it all
-                warnings.simplefilter("ignore")
-                state = torch.load(self.path, map_location="cpu", weights_only=True)
-            problem = _checkpoint_problem(state, self.key, total)
-        except Exception as err:  # noqa: BLE001 - a truncated or garbled file fails in many ways; none may stop training
-            problem = f"unreadable ({type(err).__name__}: {str(err)[:200]})"
-        if problem:
-            warnings.warn(f"ignoring checkpoint {self.path}: {problem}; training starts from step 0", stacklevel=2)
-            return None
-        return state
-
-    def remove(self) -> None:
-        """Delete this run's files (every rank's), and the folder when nothing else is in it."""
-        if not self.folder.is_dir():
-            return
-        for path in self.folder.iterdir():
-            if path.name.startswith((self.key, f".{self.key}")):
-                path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()
-
-
-def _checkpoint_problem(state: Any, key: str, total: int) -> str | None:
-    """Why a loaded checkpoint cannot be resumed, or None."""
-    if not isinstance(state, dict) or not _CHECKPOINT_FIELDS <= state.keys():
-        return "not a training checkpoint of this version"
-    if state["format"] != CHECKPOINT_FORMAT or state["key"] != key:
-        return "written by another version or run"
-    if state["total"] != total or not 0 < state["step"] < total or len(state["losses"]) != state["step"]:
-        return f"step {state['step']} of {state['total']} does not fit a run of {total} steps"
-    return None
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every generator a step may draw from: python, numpy, torch (CPU, and each GPU once CUDA is up)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _agreed(state: dict[str, Any] | None, world: World, device: torch.device) -> dict[str, Any] | None:
-    """The loaded state if every rank loaded one of the same step (a kill can land between two
-    ranks' saves), else None everywhere: the ranks must start from one step."""
-    if world.size == 1:
-        return state
-    import torch.distributed as dist
-
-    step = state["step"] if state is not None else 0
-    bounds = torch.tensor([step, -step], device=device)
-    dist.all_reduce(bounds, op=dist.ReduceOp.MIN)
-    return state if bounds[0].item() == -bounds[1].item() == step and step > 0 else None
-
-
 class _LiveLog:
     """A dvclive `Live` that keeps what it was given, so that a resumed run writes the same files.
 
@@ -760,7 +472,7 @@ def batch_loss(loss_fn: GeckoLoss, encoder, batch: Sequence[Example], world: Wor
     if world.size == 1:
         return loss_fn(encoder, batch)
     local = loss_fn.embed(encoder, batch[world.own(len(batch))])
-    q, p, n = (_gather_rows(t, world.shares(len(batch)), world.rank) for t in local)
+    q, p, n = (gather_rows(t, world.shares(len(batch)), world.rank) for t in local)
     return loss_fn.compute_loss_from_embeddings(q, p, n, candidate_mask(batch).to(q.device))
 
 
@@ -828,7 +540,7 @@ def train(
     weights up to float rounding when dropout is off; each rank draws its own dropout masks).
 
     Args:
-        encoder: a `pipeline.encoder.Encoder`; its `dtype` decides bfloat16 autocast.
+        encoder: a `pipeline.retrieval.encoder.Encoder`; its `dtype` decides bfloat16 autocast.
         params: the `train` section (`TrainParams`).
         seed: `base.seed`; it fixes dropout and the data order.
         live: a dvclive `Live` (or None); gets train/loss, train/lr, train/grad_norm per step.
@@ -849,10 +561,10 @@ def train(
     order = batches(len(examples), params.batch_size, total, torch.Generator().manual_seed(seed), lengths)
     loss_fn = GeckoLoss(params.temperature, params.mrl_dims)
     if world.size > 1:
-        _broadcast_weights(encoder.module)
+        broadcast_weights(encoder.module)
     optimizer = make_optimizer(encoder.module, params.lr, params.weight_decay)
     bar = _progress_bar(planned_examples(len(examples), params.batch_size, total), encoder.name) if progress else None
-    state = _agreed(checkpoint.load(total) if checkpoint is not None else None, world, encoder.device)
+    state = agreed_state(checkpoint.load(total) if checkpoint is not None else None, world, encoder.device)
     # Replayed from a checkpoint's events, or recorded for the checkpoints to come.
     live = _LiveLog(live, state["live"] if state is not None else ()) if live is not None else None
     selector = ModelSelector(dev, params.eval_every, total, live) if dev is not None and params.eval_every else None
@@ -866,7 +578,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         if selector is not None:
             selector.load_state_dict(state["selection"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if progress:
             print(f"train: resuming from step {start} of {total} ({checkpoint.path})", file=sys.stderr)
         if bar is not None:
@@ -901,7 +613,7 @@ def train(
                 saving_started = time.perf_counter()
                 checkpoint.save({
                     "step": step + 1, "total": total, "model": encoder.module.state_dict(),
-                    "optimizer": optimizer.state_dict(), "rng": _rng_state(), "losses": losses,
+                    "optimizer": optimizer.state_dict(), "rng": rng_state(), "losses": losses,
                     "distill_losses": distill_losses, "seen": seen, "seconds": elapsed(),
                     "selection": selector.state_dict() if selector is not None else None,
                     "live": live.events if live is not None else None,
@@ -952,7 +664,7 @@ def _step(
     if loss.requires_grad:  # a rank with no share of a tiny last batch has nothing to backpropagate
         loss.backward()
     if world.size > 1:
-        _sum_gradients(encoder.module)
+        sum_gradients(encoder.module)
     grad_norm = _clip(encoder.module, max_norm)
     optimizer.step()
     # One host-device sync per step for all numbers (on CUDA each .item() would wait on its own).

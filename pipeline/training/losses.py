@@ -12,7 +12,7 @@ equals q_i's or p_i's text (the same passage under another id, a repeated query,
 directions of a symmetric pair), or it is the positive of another copy of q_i's query text (a
 query with several relevant passages), or it is q_i itself, or it is a missing hard negative.
 
-In data-parallel training B is the global batch: `pipeline.training` gathers every rank's
+In data-parallel training B is the global batch: `pipeline.training.loop` gathers every rank's
 embeddings before `compute_loss_from_embeddings`, so the candidates and the mask span all ranks.
 
 `DistillLoss` is the optional soft-label term (GPL / UPR style): over a few of each query's

@@ -11,7 +11,7 @@ steps and at the last step, and keeps a CPU copy of the best weights; a step mus
 earlier one to be chosen, so step 0 wins when training never helps. Evaluation runs with dropout
 off and the torch RNG forked, so training draws the same numbers with selection on or off.
 
-Sets are read with `pipeline.evaluation`'s readers, so a dev file fails the way an eval file does.
+Sets are read with `pipeline.evaluation.mteb_eval`'s readers, so a dev file fails the way an eval file does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation import read_beir, read_sts
+from pipeline.evaluation.mteb_eval import read_beir, read_sts
 
 # The cut-off of the retrieval score (BEIR's and MTEB's main metric).
 NDCG_K = 10
@@ -132,7 +132,7 @@ class DevScorer:
         """Read the `train.dev` sets (paths relative to `root`) and format their texts once.
 
         Raises:
-            pipeline.evaluation.EvalDataError: a file is missing or malformed (file and line named).
+            pipeline.evaluation.mteb_eval.EvalDataError: a file is missing or malformed (file and line named).
         """
 
         def full(path: Path) -> Path:

@@ -14,8 +14,8 @@ from typing import Any
 
 import duckdb
 
-from pipeline.sqlshell import format_table
-from pipeline.warehouse import open_readonly
+from pipeline.warehouse.files import open_readonly
+from pipeline.warehouse.sqlshell import format_table
 
 # Every table the story reads, by the stage that writes it.
 NEEDED = {

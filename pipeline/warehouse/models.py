@@ -22,8 +22,8 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, SqlglotError
 from sqlglot.optimizer.scope import traverse_scope
 
-from pipeline.dag import DAG, CycleError
-from pipeline.warehouse import WAREHOUSE_DIR, stage_files, stage_path, write_stage
+from pipeline.warehouse.dag import DAG, CycleError
+from pipeline.warehouse.files import WAREHOUSE_DIR, stage_files, stage_path, write_stage
 
 SCHEMA_FILE = "schema.yml"
 SHOWN_ROWS = 10

@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from pipeline.warehouse import open_readonly
+from pipeline.warehouse.files import open_readonly
 
 READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 

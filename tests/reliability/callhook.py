@@ -31,9 +31,8 @@ def install(path: str) -> None:
     def sha(text: str) -> str:
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
-    import pipeline.generate as generate
-    import pipeline.llm as llm
-    import pipeline.scoring as scoring
+    import pipeline.llm.generate as generate
+    import pipeline.llm.transformers_backend as backend
 
     build_requests = generate.build_requests
 
@@ -44,7 +43,7 @@ def install(path: str) -> None:
 
     generate.build_requests = logged_build_requests
 
-    generate_json = llm.LLM.generate_json
+    generate_json = backend.TransformersLLM.generate_json
 
     def logged_generate_json(self, prompts, *args, **kwargs):  # any signature: the wrapper only watches
         log([f"generate {sha(p)}" for p in prompts])
@@ -52,9 +51,9 @@ def install(path: str) -> None:
         log([f"generated {sha(p)}" for p in prompts])
         return out
 
-    llm.LLM.generate_json = logged_generate_json
+    backend.TransformersLLM.generate_json = logged_generate_json
 
-    score_batch = scoring.PrefixScorer._score_batch
+    score_batch = backend.PrefixScorer._score_batch
 
     def logged_score_batch(self, batch, *args, **kwargs):
         log([f"score {row.request.key}" for row in batch])
@@ -62,10 +61,10 @@ def install(path: str) -> None:
         log([f"scored {row.request.key}" for row in batch])
         return out
 
-    scoring.PrefixScorer._score_batch = logged_score_batch
+    backend.PrefixScorer._score_batch = logged_score_batch
 
     if sys.argv[1] == "train":  # torch at import: only for the stage that loads it anyway
-        import pipeline.losses as losses
+        import pipeline.training.losses as losses
 
         forward = losses.GeckoLoss.forward
         steps = [0]

@@ -332,7 +332,7 @@ def outputs_digest(project: Path, stage: str) -> dict:
 
 # The function doing each stage's expensive work (module, attribute), timed in reference runs.
 WORK = {"queries": ("python_steps.queries", "generate_queries"), "neighbors": ("python_steps.neighbors", "mine_neighbors"),
-        "llm_scores": ("pipeline.scoring", "score_relevance"), "train": ("pipeline.training", "train")}  # fmt: skip
+        "llm_scores": ("pipeline.llm.scoring", "score_relevance"), "train": ("pipeline.training.loop", "train")}  # fmt: skip
 
 
 def run_in_process(project: Path, stage: str) -> float:

@@ -1,6 +1,6 @@
 """Bad LLM output: invalid JSON, empty strings, endless text, wrong types, exceptions.
 
-A scripted LLM (the `JsonLLM` protocol that pipeline/generate.py uses) answers each passage with one
+A scripted LLM (the `JsonLLM` protocol that pipeline/llm/generate.py uses) answers each passage with one
 kind of bad output. Every failure must land in `generation_failures` with its reason, be retried
 `max_retries` times, never be cached, and the stage must finish with the count; above
 `generate.max_failure_rate` it must fail loudly and leave the stage file as it was.
@@ -19,9 +19,9 @@ import pyarrow as pa
 import pytest
 from conftest import file_digests, table_digest
 
-from pipeline.cache import LLMCache
-from pipeline.generate import GenerationError, generate_queries
 from pipeline.llm import Completion
+from pipeline.llm.cache import LLMCache
+from pipeline.llm.generate import GenerationError, generate_queries
 from pipeline.params import GenerateParams
 
 GOOD = '{"task": "Given a question, retrieve passages that answer it", "query": "what do rivers carry %s"}'

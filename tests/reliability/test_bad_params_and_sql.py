@@ -126,7 +126,8 @@ STAGES = ["passages", "queries", "neighbors", "llm_scores", "train", "evaluate"]
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_stops_on_bad_params_before_any_work(stage, project, monkeypatch):
     """Each stage, given each bad field, exits naming it, and has touched nothing."""
-    from pipeline import encoder, ingest, llm
+    from pipeline import ingest, llm
+    from pipeline.retrieval import encoder
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started despite bad params")

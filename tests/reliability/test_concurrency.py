@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, file_digests
 
-from pipeline import sqlshell
+from pipeline.warehouse import sqlshell
 
 VERSIONS = 25
 

@@ -73,7 +73,7 @@ def previous_output(project: Path, stage: str, tiny_bert_dir: Path) -> None:
         with write_stage("llm_scores", warehouse=project / "warehouse") as con:
             write_table(con, "llm_scores", pa.table({"query_id": ["old"], "ql_sum": [-1.0]}))
     elif stage == "train":
-        from pipeline.encoder import Encoder
+        from pipeline.retrieval.encoder import Encoder
 
         folder = Encoder.load(tiny_bert_dir, device="cpu").save(project / "models" / "fret-encoder")
         (folder / "fret_training.json").write_text('{"previous": true}\n')
@@ -187,8 +187,8 @@ def test_a_crash_while_saving_the_model_keeps_the_previous_one(crash_on, tiny_be
     """The whole folder (weights, config, card) is swapped in at once, or not at all; debris is collected."""
     import torch
 
-    from pipeline.encoder import Encoder
-    from pipeline.training import write_model
+    from pipeline.retrieval.encoder import Encoder
+    from pipeline.training.loop import write_model
 
     target = tmp_path / "models" / "fret-encoder"
     previous_output(tmp_path, "train", tiny_bert_dir)

