@@ -9,32 +9,27 @@ Run from the repository root: `python -m python_steps.judge`.
 
 from __future__ import annotations
 
-import time
-
-from pipeline.params import load_stage_params
 from pipeline.warehouse import WarehouseError, write_stage, write_table
+from python_steps._llm_stage import LLMStage
 
 STAGE = "judge"
 
 
 def main() -> None:
-    started = time.perf_counter()
-    params = load_stage_params(STAGE)
+    run = LLMStage(STAGE)  # the LLM loads inside run_judge, only when there is something to judge
+    params = run.params
     from pipeline.evaluation.judge import run_judge, write_metrics
     from pipeline.evaluation.mteb_eval import EvalDataError
-    from pipeline.llm import LLMError
-    from pipeline.llm import ScoringError
+    from pipeline.llm import LLMError, ScoringError
     from pipeline.retrieval.encoder import EncoderError  # torch: only once params are valid
 
-    try:
+    with run.exits_on(EvalDataError, EncoderError, LLMError, ScoringError, WarehouseError):
         result = run_judge(params, progress=True)
         with write_stage(STAGE) as con:
             write_table(con, "judge_rankings", result.rankings)
             write_table(con, "judge_report", result.report)
-    except (EvalDataError, EncoderError, LLMError, ScoringError, WarehouseError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
     write_metrics(result.metrics, params.judge.metrics_path)
-    print(summary(result, params.judge.metrics_path, time.perf_counter() - started))
+    print(summary(result, params.judge.metrics_path, run.elapsed()))
 
 
 def summary(result, metrics_path, total_s: float) -> str:

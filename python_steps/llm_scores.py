@@ -10,10 +10,8 @@ Run from the repository root: `python -m python_steps.llm_scores`.
 
 from __future__ import annotations
 
-import time
-
-from pipeline.params import load_stage_params
 from pipeline.warehouse import WarehouseError, write_stage, write_table
+from python_steps._llm_stage import LLMStage
 
 STAGE = "llm_scores"
 UPSTREAM = ["passages", "queries", "neighbors"]
@@ -42,31 +40,24 @@ left join (select distinct passage_id from passages) p on p.passage_id = n.passa
 
 
 def main() -> None:
-    started = time.perf_counter()
-    params = load_stage_params(STAGE)
-    from pipeline.llm import LLMError, load_llm  # torch: only once params are valid
-    from pipeline.llm import ScoringError
+    run = LLMStage(STAGE)
+    params = run.params
+    from pipeline.llm import LLMError, ScoringError
     from pipeline.llm.cache import LLMCache
     from pipeline.llm.scoring import score_relevance
 
-    try:
-        llm = load_llm(params.llm, params.base)
-    except LLMError as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
-    load_seconds = time.perf_counter() - started
+    llm = run.load_llm()
     cache = LLMCache(params.llm.cache_path)
     try:
-        with write_stage(STAGE, upstream=UPSTREAM) as con:
+        with run.exits_on(WarehouseError, ScoringError, LLMError), write_stage(STAGE, upstream=UPSTREAM) as con:
             drops = join_drops(con)
             pairs = con.sql(PAIRS_SQL).to_arrow_table()
             result = score_relevance(pairs, llm, params.score, cache, progress=True)
             rows = write_table(con, STAGE, result.scores)
             write_table(con, "llm_scores_report", report_table({**drops, "pairs_scored": rows}))
-    except (WarehouseError, ScoringError, LLMError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
     finally:
         cache.close()
-    print(summary(result.stats, rows, llm, params, load_seconds, time.perf_counter() - started, drops))
+    print(summary(result.stats, rows, llm, params, run.load_seconds, run.elapsed(), drops))
 
 
 def join_drops(con) -> dict[str, int]:

@@ -9,36 +9,26 @@ Run from the repository root: `python -m python_steps.queries`.
 
 from __future__ import annotations
 
-import time
-
 from pipeline.llm.cache import LLMCache
 from pipeline.llm.generate import GenerationError, GenerationResult, PromptTemplate, generate_queries
-from pipeline.params import load_stage_params
 from pipeline.warehouse import write_stage, write_table
+from python_steps._llm_stage import LLMStage
 
 STAGE = "queries"
 
 
 def main() -> None:
-    started = time.perf_counter()
-    params = load_stage_params(STAGE)
-    from pipeline.llm import LLMError, load_llm
-
-    try:
-        llm = load_llm(params.llm, params.base)
-    except LLMError as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
-    loaded = time.perf_counter() - started
+    run = LLMStage(STAGE)
+    params = run.params
+    llm = run.load_llm()
     with write_stage(STAGE, upstream=["passages"]) as con, LLMCache(params.llm.cache_path) as cache:
         passages = con.sql("SELECT passage_id, title, text FROM passages ORDER BY passage_id").to_arrow_table()
-        try:
+        with run.exits_on(GenerationError):
             result = generate_queries(passages, llm, params.generate, params.base.seed, cache, PromptTemplate())
-        except GenerationError as err:
-            raise SystemExit(f"{STAGE}: {err}") from None
         rows = write_table(con, "queries", result.queries)
         write_table(con, "generation_failures", result.failures)
         write_table(con, "generation_report", result.report)
-    print(summary(result, rows, llm.identity, loaded, time.perf_counter() - started))
+    print(summary(result, rows, llm.identity, run.load_seconds, run.elapsed()))
 
 
 def summary(result: GenerationResult, rows: int, llm: str, load_seconds: float, seconds: float) -> str:
