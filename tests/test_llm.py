@@ -1,4 +1,4 @@
-"""pipeline/llm.py: loading, identity, and batched constrained generation on a tiny GPT-2."""
+"""pipeline/llm/ (transformers_backend.py, weights.py): loading, identity, and batched constrained generation on a tiny GPT-2."""
 
 from __future__ import annotations
 
