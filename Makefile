@@ -28,19 +28,30 @@ run: $(STAMP)
 # $(WHEELS), and installed from there afterwards. CPU only, tuned to this machine
 # (GGML_NATIVE, the default); no llava/mtmd, tools, examples or tests: the Python package loads
 # only libllama and libggml*.
+# AMX is compiled out: on this machine's Sapphire-Rapids-class CPUs (amx_int8 in /proc/cpuinfo)
+# llama.cpp 0.3.36's AMX matmul for the Q4_1 GGUF segfaults the process on the first prompt of
+# more than one token (found by the server test; the same weights without the AMX buffer type
+# work). GCC lets an explicit -mno-amx-* win over what -march=native implies, in any order.
 LLAMA_CPP_VERSION := 0.3.36
-# Outside the clone, so a fresh clone on the same machine reuses it; keyed by the CPU's flags because
-# the native build may use instructions another CPU lacks.
-WHEELS ?= $(HOME)/.cache/fret/wheels/$(shell uname -m)-$(shell grep -m1 '^flags' /proc/cpuinfo | md5sum | cut -c1-8)
-LLAMA_STAMP := $(VENV)/.llama-cpp-installed
+LLAMA_ISA_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
+# Outside the clone, so a fresh clone on the same machine reuses it; keyed by the CPU's flags because
+# the native build may use instructions another CPU lacks, and by the build flags, so a change to
+# them never reuses a wheel built without it.
+LLAMA_BUILD_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo; echo '$(LLAMA_ISA_FLAGS) $(LLAMA_CMAKE_ARGS)') | md5sum | cut -c1-8)
+WHEELS ?= $(HOME)/.cache/fret/wheels/$(shell uname -m)-$(LLAMA_BUILD_KEY)
+LLAMA_STAMP := $(VENV)/.llama-cpp-installed-$(LLAMA_BUILD_KEY)
 
 $(LLAMA_STAMP): $(STAMP)
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELS) 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(LLAMA_ISA_FLAGS)" CXXFLAGS="$(LLAMA_ISA_FLAGS)" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/python -m pip wheel --no-deps --no-cache-dir --wheel-dir $(WHEELS) 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
 	# --only-binary: the cached wheel, never a second build from the sdist; the server extras come from PyPI.
+	# --force-reinstall --no-deps first: a wheel from another build key replaces the installed one.
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps --find-links $(WHEELS) \
+		--only-binary llama-cpp-python 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
 	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python \
 		'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)'
 	touch $(LLAMA_STAMP)

@@ -71,6 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/v1"
     try:
         _wait_ready(process, url, log)
+        _check_decodes(process, url, log)
         yield url
     finally:
         process.terminate()
@@ -93,6 +94,20 @@ def _wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
             pass
         time.sleep(0.5)
     pytest.fail(f"llama server not ready within {READY_DEADLINE_S} s:\n{log.read_text()[-3000:]}")
+
+
+def _check_decodes(process: subprocess.Popen, url: str, log: Path) -> None:
+    """One short completion of a multi-token prompt, so a server that crashes in its kernels fails
+    here with its exit status and log, not later as 'connection refused' in every test."""
+    try:
+        httpx.post(url + "/completions", json={"prompt": "The cell divides", "max_tokens": 2, "temperature": 0},
+                   timeout=60)
+    except httpx.TransportError:
+        pass
+    time.sleep(0.2)
+    if process.poll() is not None:
+        pytest.fail(f"llama server died on a 3-token prompt (exit {process.returncode}; -11 is a segfault: "
+                    f"a wheel built with AMX, see the Makefile):\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
