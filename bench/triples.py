@@ -2,17 +2,17 @@
 
 The peer is the pandas version: merge llm_scores with neighbors, the same exact-fraction fusion and
 tie-breakers, groupby for p1, the same positive-aware guards and negative strategy, then merges
-for the texts; and the other tables the stage writes that cost real work: `distill_candidates`
-(every scored candidate of each training query with its teacher score and texts, sorted) and
-`query_filters`' measures (words per query, copy rate against the seed's words, the normalised
-text). It starts from DataFrames already in memory and writes nothing, while fret's time is the
-whole stage: read the upstream DuckDB files, build every model in sql/, run schema.yml's data
-tests, write and checkpoint `triples.duckdb`. Both must select identical (query, positive,
-negative) rows, identical distillation lists and the same query measures; each is timed best-of-N
-after a warm-up run. `--triples-only` times the peer without the two extra tables (the comparison
-this bench made before they existed; fret still builds everything).
+for the texts; and the other tables the stage writes that cost real work: `query_filters`'
+measures (words per query, copy rate against the seed's words, the normalised text) and, with
+`--distill` (train.distill_weight > 0, the only case in which fret fills it), `distill_candidates`
+(every scored candidate of each training query with its teacher score and texts, sorted). It starts
+from DataFrames already in memory and writes nothing, while fret's time is the whole stage: read the
+upstream DuckDB files, build every model in sql/, run schema.yml's data tests, write and checkpoint
+`triples.duckdb`. Both must select identical (query, positive, negative) rows, identical
+distillation lists and the same query measures; each is timed best-of-N after a warm-up run.
+`--triples-only` times the peer without the extra tables (fret still builds everything).
 
-    .venv/bin/python bench/triples.py [--queries 50000] [--neighbors 20] [--negative lowest] [--repeat 3]
+    .venv/bin/python bench/triples.py [--queries 50000] [--neighbors 20] [--negative lowest] [--distill] [--repeat 3]
 
 The last line printed is `ratio: X.XX` = fret throughput / peer throughput (above 1: fret faster).
 """
@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import warehouse as wh
-from pipeline.params import BaseParams, Params, SelectParams, sql_variables
+from pipeline.params import BaseParams, Params, SelectParams, TrainParams, sql_variables
 from pipeline.warehouse.models import build_models
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -127,7 +127,8 @@ def run_fret(warehouse: Path, params: Params) -> None:
 def run_peer(frames: dict, params: Params, extras: bool = True) -> dict:
     """The pandas version a user might write, selecting exactly what sql/*.sql selects.
 
-    Returns {"triples": ..., and with `extras` "distill_candidates" and "query_filters": ...}.
+    Returns {"triples": ..., and with `extras` "query_filters": ... and, when train.distill_weight > 0
+    (fret builds it only then), "distill_candidates": ...}.
     """
     import pandas as pd
 
@@ -192,7 +193,8 @@ def run_peer(frames: dict, params: Params, extras: bool = True) -> dict:
         )
     out = {"triples": triples.sort_values(["query_id", "negative_rank"], ignore_index=True)}
     if extras:
-        out["distill_candidates"] = peer_distill_candidates(scores, out["triples"], frames, params)
+        if params.train.distill_weight > 0:
+            out["distill_candidates"] = peer_distill_candidates(scores, out["triples"], frames, params)
         out["query_filters"] = peer_query_measures(frames)
     return out
 
@@ -255,11 +257,13 @@ def main() -> None:
     parser.add_argument("--num-negatives", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--triples-only", action="store_true", help="peer without distill_candidates, query_filters")
+    parser.add_argument("--distill", action="store_true",
+                        help="train.distill_weight 1: both also build distill_candidates (empty in fret otherwise)")
     args = parser.parse_args()
     select = SelectParams(negative=args.negative, num_negatives=args.num_negatives)
     if args.negative == "range":
         select = SelectParams(negative="range", num_negatives=args.num_negatives, range_min=5, range_max=15)
-    params = Params(base=BaseParams(seed=42), select=select)
+    params = Params(base=BaseParams(seed=42), select=select, train=TrainParams(distill_weight=1.0 if args.distill else 0))
 
     tables = synthetic_tables(args.queries, args.neighbors)
     frames = {name: table.to_pandas() for name, table in tables.items()}
@@ -284,7 +288,10 @@ def main() -> None:
         con.close()
     peers = run_peer(frames, params)
     peer = peers["triples"]
-    check_same(fret_distill, peers["distill_candidates"], "distill_candidates", order=True)
+    if args.distill:
+        check_same(fret_distill, peers["distill_candidates"], "distill_candidates", order=True)
+    elif len(fret_distill):
+        raise SystemExit(f"fret built {len(fret_distill)} distill_candidates rows with distillation off")
     check_same(fret_measures, peers["query_filters"], "query_filters", order=False)
     cols = ["query_id", "positive_id", "negative_id", "negative_rank", "positive_text", "negative_text"]
     peer_rows = [tuple(None if v != v else v for v in row) for row in peer[cols].itertuples(index=False)]
@@ -299,7 +306,8 @@ def main() -> None:
           f"negative={args.negative}, num_negatives={args.num_negatives}, {len(fret_rows):,} triples, "
           f"best of {args.repeat}")  # fmt: skip
     n_models = len(list(SQL_DIR.glob("*.sql")))
-    peer_work = "triples only" if args.triples_only else "triples + distill_candidates + query measures"
+    peer_work = "triples only" if args.triples_only else (
+        "triples + distill_candidates + query measures" if args.distill else "triples + query measures")
     print(f"fret  build_models ({n_models} models + data tests + write): {fret_s:.3f} s  {n_in / fret_s:12,.0f} pairs/s")
     print(f"peer  pandas, {peer_work} (in memory, no write): {peer_s:.3f} s  {n_in / peer_s:12,.0f} pairs/s")
     print(f"ratio: {peer_s / fret_s:.2f}")

@@ -12,11 +12,11 @@ from pipeline.warehouse.models import ModelError
 from test_triples_sql import SQL_DIR, query, write_upstream
 
 
-def build(warehouse: Path, distill_score: str = "ql_sum", **select) -> None:
+def build(warehouse: Path, distill_score: str = "ql_sum", distill_weight: float = 1.0, **select) -> None:
     from pipeline.warehouse.models import build_models
 
     params = Params(base=BaseParams(seed=42), select=SelectParams(**select))
-    variables = sql_variables(params) | {"train_distill_score": distill_score}
+    variables = sql_variables(params) | {"train_distill_score": distill_score, "train_distill_weight": distill_weight}
     build_models(SQL_DIR, stage="triples", variables=variables, warehouse=warehouse)
 
 
@@ -46,10 +46,20 @@ def test_ql_mean_is_the_other_teacher_and_kept_queries_follow_triples(warehouse)
     assert {q for q, _ in got} == {"q1", "q2", "q3", "q5"}  # q3 kept in triples, so listed too
 
 
+def test_empty_without_distillation_and_triples_unchanged(warehouse):
+    build(warehouse)
+    with_distill = query(warehouse, "select * from triples order by all")
+    build(warehouse, distill_weight=0.0)
+    assert query(warehouse, "select count(*) from distill_candidates") == [(0,)]
+    assert query(warehouse, "select * from triples order by all") == with_distill
+
+
 def test_unknown_teacher_is_a_build_error(warehouse):
     with pytest.raises(ModelError, match="train_distill_score must be ql_sum or ql_mean"):
         build(warehouse, distill_score="rc_logodds")
 
 
 def test_param_reaches_sql_under_its_section_name():
-    assert sql_variables(Params(train=TrainParams(distill_score="ql_mean")))["train_distill_score"] == "ql_mean"
+    variables = sql_variables(Params(train=TrainParams(distill_score="ql_mean", distill_weight=0.5)))
+    assert variables["train_distill_score"] == "ql_mean"
+    assert variables["train_distill_weight"] == 0.5

@@ -460,6 +460,12 @@ def test_read_candidates_missing_table_says_rebuild(tmp_path):
         read_candidates(write_triples(tmp_path / "t.duckdb"), TextFormat())
 
 
+def test_read_candidates_empty_table_names_the_param(tmp_path):
+    path = write_candidates(write_triples(tmp_path / "t.duckdb"), n=0)
+    with pytest.raises(ValueError, match="distill_candidates is empty.*train.distill_weight > 0.*dvc repro triples"):
+        read_candidates(path, TextFormat())
+
+
 def test_distill_weight_zero_is_todays_training_bit_for_bit(tiny_bert_dir, with_candidates):  # noqa: F811
     examples, pools = with_candidates
     states, results = {}, {}

@@ -277,7 +277,10 @@ def read_candidates(path: str | Path, text_format) -> dict[str, list[Candidate]]
     finally:
         con.close()
     if not rows:
-        raise ValueError(f"{path}: table distill_candidates is empty")
+        raise ValueError(
+            f"{path}: table distill_candidates is empty: the triples stage builds it only with train.distill_weight > 0"
+            " (`dvc repro triples` rebuilds it after the param changed)"
+        )
     pools: dict[str, list[Candidate]] = {}
     owner: dict[str, Any] = {}
     for query_id, task, query, passage_id, score in rows:
