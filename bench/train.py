@@ -16,7 +16,11 @@ and `--peer-bf16` (the peer with `bf16=True`) compare like for like; `--group-by
 fret's `train.group_by_length` (about 5% fewer padded tokens here, but SciFact's repeated queries
 then share batches, so the loss is not comparable). The header line says what each side used.
 
-    .venv/bin/python bench/train.py [--triples 256] [--batch-size 16] [--steps 8] [--max-length 128]
+    .venv/bin/python bench/train.py [--triples 256] [--batch-size 16] [--steps 8] [--max-length 128] [--profile 4]
+
+`--profile N` adds a table of fret's step cut into phases (tokenize and pad, the query pass, the
+passages pass, loss, backward, clip and optimizer), each timed over N steps, with the model phases'
+GFLOP/s counted on the padded tokens they actually run.
 
 Roofline (bench/_roofline.py): each side's GFLOP/s and share of the matmul peak measured in this
 process. FLOPs per example = 3 (forward + backward) x the forward FLOPs of its query, positive and
@@ -65,15 +69,8 @@ def run_fret(rows, args, fmt) -> tuple[float, float]:
     from pipeline.params import TrainParams
     from pipeline.retrieval.encoder import Encoder
     from pipeline.training.loop import train
-    from pipeline.training.losses import Example
 
-    examples = [
-        Example(
-            query=fmt.query(TASK, q), positive=fmt.passage(pt, p), negative=fmt.passage(nt, n),
-            query_text=q, positive_text=p, negative_text=n, positive_id=f"p:{p}", negative_id=f"p:{n}",
-        )
-        for q, pt, p, nt, n in rows
-    ]  # fmt: skip
+    examples = fret_examples(rows, fmt)
     encoder = Encoder.load("minilm", device="cpu", dtype=args.fret_dtype, max_length=args.max_length, threads=args.threads)
     params = TrainParams(
         batch_size=args.batch_size, max_steps=args.steps, mrl_dims=MRL_DIMS, max_grad_norm=1.0,
@@ -116,6 +113,91 @@ def run_peer(rows, args, fmt) -> tuple[float, float]:
         return time.perf_counter() - start, output.training_loss
 
 
+PHASES = ("tokenize+pad", "forward queries", "forward docs", "loss", "backward", "clip+optimizer")
+
+
+def profile_fret(rows, args, fmt, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """One fret training step cut into its phases, timed over `steps` steps after one untimed step.
+
+    The same calls as `pipeline.training.loop._step` makes through `GeckoLoss.embed` (queries in one
+    pass, positives and negatives padded together in a second), split so each phase gets its own
+    clock. Returns (seconds per step by phase, token counts per step: real and padded, per pass).
+    """
+    import torch
+
+    from pipeline.retrieval.encoder import Encoder
+    from pipeline.training.loop import make_optimizer
+    from pipeline.training.losses import GeckoLoss, candidate_mask
+
+    encoder = Encoder.load("minilm", device="cpu", dtype=args.fret_dtype, max_length=args.max_length, threads=args.threads)
+    examples = fret_examples(rows, fmt)
+    loss_fn, optimizer = GeckoLoss(0.05, MRL_DIMS), make_optimizer(encoder.module, 2e-5, 0.01)
+    draw = random.Random(args.seed)
+    seconds = dict.fromkeys(PHASES, 0.0)
+    tokens = {"query real": 0, "query padded": 0, "docs real": 0, "docs padded": 0}
+    encoder.module.train()
+    for step in range(steps + 1):
+        batch = draw.sample(examples, args.batch_size)
+        clock = [time.perf_counter()]
+        texts = {"query": [e.query for e in batch], "docs": [e.positive for e in batch] + [e.negative for e in batch]}
+        ids = {side: encoder.tokenize(t) for side, t in texts.items()}
+        inputs = {side: encoder._pad(i) for side, i in ids.items()}
+        spans = {side: encoder._instruction_spans(texts[side], ids[side]) for side in texts}
+        clock.append(time.perf_counter())
+        q = encoder._forward(*inputs["query"], spans["query"])
+        clock.append(time.perf_counter())
+        docs = encoder._forward(*inputs["docs"], spans["docs"])
+        clock.append(time.perf_counter())
+        loss = loss_fn.compute_loss_from_embeddings(q, docs[: len(batch)], docs[len(batch) :], candidate_mask(batch))
+        clock.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clock.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(encoder.module.parameters(), 1.0)
+        optimizer.step()
+        clock.append(time.perf_counter())
+        if step == 0:
+            continue  # oneDNN's first-call setup
+        for name, start, end in zip(PHASES, clock, clock[1:]):
+            seconds[name] += (end - start) / steps
+        for side in ("query", "docs"):
+            tokens[f"{side} real"] += sum(len(i) for i in ids[side]) / steps
+            tokens[f"{side} padded"] += inputs[side][0].numel() / steps
+    return seconds, tokens
+
+
+def profile_lines(seconds: dict[str, float], tokens: dict[str, float], model, args) -> list[str]:
+    """The phase table: share of the step, and GFLOP/s of the model phases (padded tokens: what runs)."""
+    b = args.batch_size
+
+    def forward_flops(side: str, rows: int) -> float:
+        width = tokens[f"{side} padded"] / rows
+        return model.forward(tokens[f"{side} padded"], rows * width * width)
+
+    flops = {"forward queries": forward_flops("query", b), "forward docs": forward_flops("docs", 2 * b)}
+    flops["backward"] = 2 * (flops["forward queries"] + flops["forward docs"])  # grads of activations and weights
+    step = sum(seconds.values())
+    lines = [f"profile: one step of {b} examples, {step:.2f} s ({b / step:.2f} examples/s); tokens per step "
+             f"real/padded: queries {tokens['query real']:,.0f}/{tokens['query padded']:,.0f}, "
+             f"docs {tokens['docs real']:,.0f}/{tokens['docs padded']:,.0f}"]  # fmt: skip
+    for name in PHASES:
+        rate = f"{flops[name] / seconds[name] / 1e9:8.1f} GFLOP/s" if name in flops else ""
+        lines.append(f"  {name:<16}{seconds[name]:8.3f} s {seconds[name] / step:6.1%} {rate}")
+    return lines
+
+
+def fret_examples(rows, fmt):
+    from pipeline.training.losses import Example
+
+    return [
+        Example(
+            query=fmt.query(TASK, q), positive=fmt.passage(pt, p), negative=fmt.passage(nt, n),
+            query_text=q, positive_text=p, negative_text=n, positive_id=f"p:{p}", negative_id=f"p:{n}",
+        )
+        for q, pt, p, nt, n in rows
+    ]  # fmt: skip
+
+
 def warm_up(rows, args, fmt) -> None:
     """Untimed training steps in each precision timed after, so oneDNN's first-call setup is paid first."""
     for dtype in sorted({args.fret_dtype, "bfloat16" if args.peer_bf16 else "float32"}):
@@ -135,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="fret's train.dtype")
     parser.add_argument("--group-by-length", action="store_true", help="fret: batches of similar token length")
     parser.add_argument("--peer-bf16", action="store_true", help="sentence-transformers with bf16=True")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also time fret's step phase by phase over STEPS steps (table before the ratio)")
     args = parser.parse_args(argv)
 
     import torch
@@ -177,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     peak = peaks({"train": shape})
     peer_dtype = "bfloat16" if args.peer_bf16 else "float32"
     print("\n".join(report(peak, {"fret": (flops, fret_s, args.fret_dtype), "peer": (flops, peer_s, peer_dtype)})))
+    if args.profile:
+        print("\n".join(profile_lines(*profile_fret(rows, args, fmt, args.profile), model, args)))
     print(f"ratio: {peer_s / fret_s:.2f}")
 
 
