@@ -71,7 +71,8 @@ def run_fret(rows, args, fmt) -> tuple[float, float]:
     from pipeline.training.loop import train
 
     examples = fret_examples(rows, fmt)
-    encoder = Encoder.load("minilm", device="cpu", dtype=args.fret_dtype, max_length=args.max_length, threads=args.threads)
+    encoder = Encoder.load("minilm", device="cpu", dtype=args.fret_dtype, max_length=args.max_length, threads=args.threads,
+                           attention_dropout=args.attention_dropout)
     params = TrainParams(
         batch_size=args.batch_size, max_steps=args.steps, mrl_dims=MRL_DIMS, max_grad_norm=1.0,
         group_by_length=args.group_by_length,
@@ -129,7 +130,8 @@ def profile_fret(rows, args, fmt, steps: int) -> tuple[dict[str, float], dict[st
     from pipeline.training.loop import make_optimizer
     from pipeline.training.losses import GeckoLoss, candidate_mask
 
-    encoder = Encoder.load("minilm", device="cpu", dtype=args.fret_dtype, max_length=args.max_length, threads=args.threads)
+    encoder = Encoder.load("minilm", device="cpu", dtype=args.fret_dtype, max_length=args.max_length, threads=args.threads,
+                           attention_dropout=args.attention_dropout)
     examples = fret_examples(rows, fmt)
     loss_fn, optimizer = GeckoLoss(0.05, MRL_DIMS), make_optimizer(encoder.module, 2e-5, 0.01)
     draw = random.Random(args.seed)
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="fret's train.dtype")
     parser.add_argument("--group-by-length", action="store_true", help="fret: batches of similar token length")
     parser.add_argument("--peer-bf16", action="store_true", help="sentence-transformers with bf16=True")
+    parser.add_argument("--attention-dropout", type=float, default=None,
+                        help="fret's train.attention_dropout (default: the model's, 0.1); the peer keeps its own")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also time fret's step phase by phase over STEPS steps (table before the ratio)")
     args = parser.parse_args(argv)

@@ -85,7 +85,8 @@ def run(params: Params, world: World, started: float) -> None:
         dev = DevScorer.from_params(tp.dev, fmt, Path.cwd(), enc.batch_size) if tp.eval_every and lead else None
         dtype = training_dtype(tp.dtype, pick_device(params.base.device))
         encoder = Encoder.load(
-            enc.model, device=params.base.device, dtype=dtype, max_length=enc.max_length, threads=params.base.threads
+            enc.model, device=params.base.device, dtype=dtype, max_length=enc.max_length, threads=params.base.threads,
+            attention_dropout=tp.attention_dropout,
         ).exclude_instruction(instruction_format(enc))
     except (ValueError, EncoderError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None

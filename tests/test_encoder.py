@@ -182,3 +182,30 @@ def test_excluded_instruction_pools_like_sentence_transformers_prompts(tiny_bert
     # Texts without the instruction (passages, raw queries) pool exactly as before.
     passages = fmt.passages([None] * 3, texts[:3])
     np.testing.assert_allclose(encoder.encode(passages), Encoder.load(tiny_bert_dir, device="cpu").encode(passages), atol=1e-6)
+
+
+def test_attention_dropout_sets_only_the_attention_probabilities(tiny_bert_dir):  # noqa: F811
+    import torch
+
+    def dropouts(encoder: Encoder) -> dict[str, float]:
+        return {n: m.p for n, m in encoder.module.named_modules() if isinstance(m, torch.nn.Dropout)}
+
+    default, off = Encoder.load(tiny_bert_dir, device="cpu"), Encoder.load(tiny_bert_dir, device="cpu", attention_dropout=0.0)
+    assert set(dropouts(default).values()) == {0.1}  # BertConfig's default for both kinds
+    changed = {n for n, p in dropouts(off).items() if p != dropouts(default)[n]}
+    assert changed and all(n.endswith("attention.self.dropout") for n in changed)
+    assert all(dropouts(off)[n] == 0.0 for n in changed)
+    # Same weights: only training-time behaviour differs, so the eval-mode embeddings are equal.
+    texts = ["a cell divides", "proteins fold"]
+    assert np.array_equal(default.encode(texts), off.encode(texts))
+
+
+def test_attention_dropout_needs_a_config_that_names_it(tiny_bert_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_bert_dir, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    del config["attention_probs_dropout_prob"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EncoderError, match="no attention_probs_dropout_prob.*train.attention_dropout"):
+        Encoder.load(folder, device="cpu", attention_dropout=0.0)

@@ -152,6 +152,18 @@ def _check_architecture(folder: Path) -> None:
         )
 
 
+def _dropout_override(folder: Path, attention_dropout: float | None) -> dict[str, float]:
+    """The config override that sets attention dropout, for BERT-family configs that name it."""
+    if attention_dropout is None:
+        return {}
+    if "attention_probs_dropout_prob" not in _read_json(folder / "config.json"):
+        raise EncoderError(
+            f"{folder}/config.json has no attention_probs_dropout_prob: train.attention_dropout cannot set it "
+            "(leave it null for this model)"
+        )
+    return {"attention_probs_dropout_prob": attention_dropout}
+
+
 def _tokenizer_bytes(tokenizer) -> bytes:
     """The tokenizer's definition, without the truncation/padding state each call rewrites."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -238,6 +250,7 @@ class Encoder:
         dtype: Dtype | Literal["auto"] = "float32",
         max_length: int | None = None,
         threads: int | None = None,
+        attention_dropout: float | None = None,
     ) -> "Encoder":
         """Load a model folder, or "minilm" for the bundled all-MiniLM-L6-v2.
 
@@ -248,6 +261,9 @@ class Encoder:
                 `train.dtype`). The resolved name is `Encoder.dtype`, hence part of the fingerprint.
             max_length: tokens per text; None takes the folder's `max_seq_length`.
             threads: torch intra-op threads (the `base.threads` param); None leaves torch's default.
+            attention_dropout: the dropout on attention probabilities while training (the
+                `train.attention_dropout` param); None keeps the model's own
+                (`attention_probs_dropout_prob`, 0.1 for MiniLM). It only acts in train mode.
         """
         from transformers import AutoModel, AutoTokenizer
 
@@ -259,7 +275,7 @@ class Encoder:
         _check_architecture(folder)
         st_config = _read_json(folder / "sentence_bert_config.json")
         tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
-        module = AutoModel.from_pretrained(folder)
+        module = AutoModel.from_pretrained(folder, **_dropout_override(folder, attention_dropout))
         # transformers 5 loads in the checkpoint's dtype; autocast, not the weights, decides bf16.
         module = module.to(device=pick_device(device), dtype=torch.float32).eval()
         limit = getattr(module.config, "max_position_embeddings", None) or 512
