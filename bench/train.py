@@ -206,7 +206,14 @@ def warm_up(rows, args, fmt) -> None:
         run_fret(rows, argparse.Namespace(**{**vars(args), "steps": 1, "fret_dtype": dtype}), fmt)
 
 
+def _dropout(value: str) -> float | None:
+    """--attention-dropout: a probability, or "model" for the model's own (train.attention_dropout: null)."""
+    return None if value == "model" else float(value)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.params import TrainParams
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=Path(__file__).resolve().parents[1] / "../shared/eval/scifact")
     parser.add_argument("--triples", type=int, default=256)
@@ -219,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="fret's train.dtype")
     parser.add_argument("--group-by-length", action="store_true", help="fret: batches of similar token length")
     parser.add_argument("--peer-bf16", action="store_true", help="sentence-transformers with bf16=True")
-    parser.add_argument("--attention-dropout", type=float, default=None,
-                        help="fret's train.attention_dropout (default: the model's, 0.1); the peer keeps its own")
+    parser.add_argument("--attention-dropout", type=_dropout, default=TrainParams().attention_dropout,
+                        help="fret's train.attention_dropout (default: fret's default, 0; 'model': the model's "
+                             "own, 0.1); the peer keeps the model's, as sentence-transformers does")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also time fret's step phase by phase over STEPS steps (table before the ratio)")
     args = parser.parse_args(argv)

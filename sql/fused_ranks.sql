@@ -38,9 +38,9 @@ denominators as (
     select
         scores.*,
         settings.*,
-        if(settings.ql_units = 0, 1, settings.rrf_k + scores.ql_rank)::hugeint as ql_denominator,
-        if(settings.rc_units = 0, 1, settings.rrf_k + scores.rc_rank)::hugeint as rc_denominator,
-        if(settings.knn_units = 0, 1, settings.rrf_k + scores.knn_rank)::hugeint as knn_denominator
+        if(settings.ql_units = 0, 1, settings.rrf_k + scores.ql_rank) as ql_denominator,
+        if(settings.rc_units = 0, 1, settings.rrf_k + scores.rc_rank) as rc_denominator,
+        if(settings.knn_units = 0, 1, settings.rrf_k + scores.knn_rank) as knn_denominator
     from scores
     cross join settings
 ),
@@ -57,25 +57,24 @@ unranked as (
     from denominators
 ),
 
+-- R written as one fraction of integers: the sum of units x the other two factors, over the product
+-- of all three (x 10^6 for the units). Computed in doubles, where a product or sum of integers is
+-- exact as long as it stays below 2^53 (and a rounded one cannot fall below 2^53 if the exact one is
+-- above: rounding is monotonic), so `exact` below is a sound test.
 fractions as (
     select
         query_id,
         passage_id,
-        -- R written as one fraction of integers, sum of units x the other two factors over the
-        -- product of all three (x 10^6 for the units), and divided once: sums that are equal on paper
-        -- (1/2 + 1/6 = 1/3 + 1/3) round to the same double, so a tie is a true tie and goes to the
-        -- tie-breakers below instead of to floating-point noise. Reduced by their gcd (next CTE), so with
-        -- Gecko's weights these are exactly the old (2k + a + b) / ((k + a)(k + b)) and both sides
-        -- stay far below 2^53, where a double would stop holding them exactly.
         case
             when unranked_signal is not null then error('select.weights.' || unranked_signal || ' is above 0 but '
                 || 'llm_scores has no ' || unranked_signal || '_rank for query ' || query_id || ', passage '
                 || passage_id || ': score it (score.methods) or set select.weights.' || unranked_signal || ' to 0')
-            else ql_units * rc_denominator * knn_denominator
-                + rc_units * ql_denominator * knn_denominator
-                + knn_units * ql_denominator * rc_denominator
+            else ql_units::double * rc_denominator * knn_denominator
+                + rc_units::double * ql_denominator * knn_denominator
+                + knn_units::double * ql_denominator * rc_denominator
         end as numerator,
-        ql_denominator * rc_denominator * knn_denominator * 1000000 as denominator,
+        ql_denominator::double * rc_denominator * knn_denominator * 1000000 as denominator,
+        ql_units, rc_units, knn_units, ql_denominator, rc_denominator, knn_denominator,
         -- The RC tie-breaker counts only when RC is fused (its ranks may be NULL otherwise).
         case when rc_units > 0 then rc_rank end as rc_tie_rank,
         ql_rank,
@@ -87,11 +86,28 @@ fractions as (
     from unranked
 ),
 
+-- One division of the exact fraction: IEEE division rounds the exact quotient, so sums that are
+-- equal on paper (1/2 + 1/6 = 1/3 + 1/3) get the same double, and a tie is a true tie that goes to
+-- the tie-breakers below instead of to floating-point noise. Beyond 2^53 (rrf_k + ranks in the
+-- thousands, large weights) the fraction is redone in 128-bit integers and reduced by its gcd first,
+-- which brings it back to doubles exactly whenever the reduced fraction fits. CASE evaluates that
+-- branch only for the rows that need it: with top_n up to 1,000 and weights up to 1, none do.
 fused as (
     select
         *,
-        (numerator // gcd(numerator, denominator)) / (denominator // gcd(numerator, denominator)) as fused_score
-    from fractions
+        case
+            when numerator < 9007199254740992 and denominator < 9007199254740992 then numerator / denominator
+            else _exact_numerator // gcd(_exact_numerator, _exact_denominator)
+                / (_exact_denominator // gcd(_exact_numerator, _exact_denominator))
+        end as fused_score
+    from (
+        select
+            *,
+            ql_units::hugeint * rc_denominator * knn_denominator + rc_units::hugeint * ql_denominator * knn_denominator
+                + knn_units::hugeint * ql_denominator * rc_denominator as _exact_numerator,
+            ql_denominator::hugeint * rc_denominator * knn_denominator * 1000000 as _exact_denominator
+        from fractions
+    )
 ),
 
 final as (

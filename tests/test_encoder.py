@@ -207,5 +207,20 @@ def test_attention_dropout_needs_a_config_that_names_it(tiny_bert_dir, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     del config["attention_probs_dropout_prob"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(EncoderError, match="no attention_probs_dropout_prob.*train.attention_dropout"):
-        Encoder.load(folder, device="cpu", attention_dropout=0.0)
+    with pytest.raises(EncoderError, match="none of attention_probs_dropout_prob, attention_dropout.*train.attention_dropout"):
+        Encoder.load(folder, device="cpu", attention_dropout=0.2)
+    # 0 (the default) asks for nothing such a model could have on: it loads as it is.
+    assert Encoder.load(folder, device="cpu", attention_dropout=0.0).encode(["a cell divides"]).shape == (1, 32)
+
+
+def test_attention_dropout_reads_the_distilbert_name(tiny_bert_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    from pipeline.retrieval.encoder import _dropout_override
+
+    folder = Path(shutil.copytree(tiny_bert_dir, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_dropout"] = config.pop("attention_probs_dropout_prob")
+    (folder / "config.json").write_text(json.dumps(config))
+    assert _dropout_override(folder, 0.0) == {"attention_dropout": 0.0}
+    assert _dropout_override(folder, None) == {}

@@ -281,6 +281,27 @@ def test_equal_weighted_sums_tie_exactly(tmp_path):
     assert expected[:4] == ["p03", "p04", "p02", "p01"]
 
 
+def test_fractions_beyond_double_precision_take_the_exact_path(tmp_path):
+    # k = 10^6 with three fused signals puts the denominator near 10^24, far past 2^53: the fraction
+    # is then redone in 128-bit integers. Ranks, order and scores must still follow exact arithmetic.
+    k = 10**6
+    ql = [3, 2, 1, 4, 5, 6]
+    rc = [4, 6, 1, 2, 3, 5]
+    ids = [f"p{i:02d}" for i in range(1, 7)]
+    cands = {"q1": [(p, 0.9 - 0.01 * i, a, b, 0.0) for i, (p, a, b) in enumerate(zip(ids, ql, rc))]}
+    wh_dir = write_upstream(tmp_path / "w", {"q1": ("p01", "question answering")}, cands)
+    build(wh_dir, rrf_k=k, weights={"ql": 1, "rc": 0.5, "knn": 1})
+    got = query(wh_dir, "select passage_id, fused_rank, fused_score, knn_rank from fused_ranks order by fused_rank")
+    knn = {p: knn_rank for p, _, _, knn_rank in got}
+    exact = {
+        p: Fraction(1, k + a) + Fraction(1, 2 * (k + b)) + Fraction(1, k + knn[p]) for p, a, b in zip(ids, ql, rc)
+    }
+    rc_of = dict(zip(ids, rc))
+    expected = sorted(ids, key=lambda p: (-exact[p], rc_of[p], knn[p], p))
+    assert [p for p, *_ in got] == expected
+    assert [s for _, _, s, _ in got] == [float(exact[p]) for p in expected]
+
+
 def test_knn_only_weights_reproduce_the_encoder_order_without_llm_scores(tmp_path):
     wh_dir = write_upstream(tmp_path / "w", unscored=LLM_SCORES)  # no LLM score at all: none is read
     build(wh_dir, weights={"ql": 0, "rc": 0, "knn": 1})

@@ -152,16 +152,28 @@ def _check_architecture(folder: Path) -> None:
         )
 
 
+# Where transformers' configs keep the dropout on attention probabilities: BERT, MiniLM, MPNet,
+# RoBERTa, XLM-R; DistilBERT and most newer encoders.
+_ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
 def _dropout_override(folder: Path, attention_dropout: float | None) -> dict[str, float]:
-    """The config override that sets attention dropout, for BERT-family configs that name it."""
+    """The config override that sets attention dropout (the `train.attention_dropout` param).
+
+    A config naming no attention dropout accepts 0 (nothing to turn off; the model is kept as it
+    is) and refuses any other value, which could not be honoured."""
     if attention_dropout is None:
         return {}
-    if "attention_probs_dropout_prob" not in _read_json(folder / "config.json"):
-        raise EncoderError(
-            f"{folder}/config.json has no attention_probs_dropout_prob: train.attention_dropout cannot set it "
-            "(leave it null for this model)"
-        )
-    return {"attention_probs_dropout_prob": attention_dropout}
+    config = _read_json(folder / "config.json")
+    keys = [k for k in _ATTENTION_DROPOUT_KEYS if k in config]
+    if keys:
+        return {k: attention_dropout for k in keys}
+    if attention_dropout == 0:
+        return {}
+    raise EncoderError(
+        f"{folder}/config.json has none of {', '.join(_ATTENTION_DROPOUT_KEYS)}: train.attention_dropout "
+        f"cannot set it to {attention_dropout} (set 0 or null for this model)"
+    )
 
 
 def _tokenizer_bytes(tokenizer) -> bytes:
@@ -262,8 +274,8 @@ class Encoder:
             max_length: tokens per text; None takes the folder's `max_seq_length`.
             threads: torch intra-op threads (the `base.threads` param); None leaves torch's default.
             attention_dropout: the dropout on attention probabilities while training (the
-                `train.attention_dropout` param); None keeps the model's own
-                (`attention_probs_dropout_prob`, 0.1 for MiniLM). It only acts in train mode.
+                `train.attention_dropout` param); None keeps the model's own (0.1 for MiniLM).
+                It only acts in train mode; see `_dropout_override` for the config keys it sets.
         """
         from transformers import AutoModel, AutoTokenizer
 
