@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-passage-tokens", type=int, default=384)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--min-shared-prompts", type=int, default=None,
+                        help="score.min_shared_prompts (default: fret's); 1 scores every passage on its own")
     args = parser.parse_args()
 
     import torch
@@ -83,6 +85,8 @@ def main() -> None:
     llm = load_llm(LLMParams(dtype=args.dtype), BaseParams(threads=args.threads, device="cpu"))
     load_s = time.perf_counter() - started
     params = ScoreParams(batch_size=args.batch_size, max_passage_tokens=args.max_passage_tokens)
+    if args.min_shared_prompts is not None:
+        params = params.model_copy(update={"min_shared_prompts": args.min_shared_prompts})
     template = ScoreTemplate()
     scorer = PrefixScorer(llm, template.yes_words, template.no_words)
     requests = build_requests(pairs, llm, params, template)
@@ -101,27 +105,43 @@ def main() -> None:
     result = score_relevance(pairs, llm, params, LLMCache(None), template, progress=False, scorer=scorer)
     fret_s = time.perf_counter() - started
     fret_flops = counter.flops(model)
+    alone_s = None
+    if params.min_shared_prompts > 1:  # the same work with every passage on its own, side by side
+        alone = params.model_copy(update={"min_shared_prompts": 1})
+        alone_scorer = PrefixScorer(llm, template.yes_words, template.no_words)
+        started = time.perf_counter()
+        alone_result = score_relevance(pairs, llm, alone, LLMCache(None), template, progress=False, scorer=alone_scorer)
+        alone_s = time.perf_counter() - started
     counter.close()
 
     ours = {}
     for row in result.scores.to_pylist():
         ours[(row["query_id"], row["passage_id"], "ql")] = row["ql_sum"]
         ours[(row["query_id"], row["passage_id"], "rc")] = row["rc_logodds"]
+    tokens = {(row["query_id"], row["passage_id"]): row["ql_tokens"] for row in result.scores.to_pylist()}
     diffs = [abs(ours[(r.query_id, r.passage_id, r.method)] - peer[r.key]) for r in requests]
-    tolerance = 1e-3 if args.dtype == "float32" else 0.5  # bf16: batch shapes change the rounding
-    assert max(diffs) < tolerance, f"scores differ by up to {max(diffs):.2e}"
+    # bf16: batch shapes change the rounding, up to ~0.1 nat per scored token (a QL sum adds them up)
+    limits = [1e-3 if args.dtype == "float32" else 0.1 * (tokens[(r.query_id, r.passage_id)] if r.method == "ql" else 5)
+              for r in requests]  # fmt: skip
+    worst = max(range(len(diffs)), key=lambda i: diffs[i] / limits[i])
+    assert diffs[worst] < limits[worst], f"scores differ by {diffs[worst]:.2e} (limit {limits[worst]:.1e})"
 
     n = pairs.num_rows
     peer_rate, fret_rate = n / peer_s, n / fret_s
     print(f"pairs: {len(chosen)} SciFact train queries x MiniLM top {args.top} of {len(doc_ids):,} docs "
           f"({args.pool} pool) = {n} pairs over {n_passages} passages ({n / n_passages:.1f} pairs per passage)")
     print(f"llm: {llm.identity}, {args.dtype}, {torch.get_num_threads()} threads, loaded in {load_s:.1f} s "
-          f"(not timed); passages cut at {args.max_passage_tokens} tokens, batch {args.batch_size}")
+          f"(not timed); passages cut at {args.max_passage_tokens} tokens, batch {args.batch_size}, "
+          f"min_shared_prompts {params.min_shared_prompts}")
     print(f"same scores: max |diff| {max(diffs):.1e} over {len(diffs)} QL sums and RC log-odds")
     print(f"tokens through the model: peer {scorer.prompt_tokens:,}, fret {scorer.forward_tokens:,} "
           f"(passage prefix once per passage)")
     print(f"peer  (one prompt per forward, QL and RC apart): {peer_s:8.1f} s  {peer_rate:6.2f} pairs/s")
-    print(f"fret  (score_relevance, shared prefix, batched): {fret_s:8.1f} s  {fret_rate:6.2f} pairs/s")
+    print(f"fret  (score_relevance, shared prefixes, batched): {fret_s:8.1f} s  {fret_rate:6.2f} pairs/s "
+          f"in {result.stats['batches']} forward batches")
+    if alone_s is not None:
+        print(f"fret  (each passage on its own, min_shared_prompts 1): {alone_s:8.1f} s  {n / alone_s:6.2f} pairs/s "
+              f"in {alone_result.stats['batches']} forward batches: the pool is {alone_s / fret_s:.2f}x faster")
     rows = args.batch_size * max(1, scorer.forward_tokens // max(1, scorer.forward_rows))
     peak = peaks({"score": (rows, model.hidden, llm.model.config.intermediate_size)})
     print("\n".join(report(peak, {"peer": (peer_flops, peer_s, args.dtype), "fret": (fret_flops, fret_s, args.dtype)})))

@@ -159,6 +159,38 @@ def test_a_prompt_alone_reuses_all_of_its_prompt_but_the_scored_tokens(tiny_llm,
     assert scorer.forward_tokens == scorer.prompt_tokens  # prefix + tail, each token once
 
 
+def test_pooled_passages_score_as_the_plain_computation_in_fewer_batches(tiny_llm, template):
+    """score.min_shared_prompts: passages with few prompts are scored whole, batched across passages."""
+    runs = {}
+    for min_shared in (1, 100):  # every passage alone; every passage in one pool
+        params = PARAMS.model_copy(update={"min_shared_prompts": min_shared})
+        runs[min_shared] = score_relevance(make_pairs(), tiny_llm, params, LLMCache(None), template, progress=False)
+    alone, pooled = runs[1], runs[100]
+    assert pooled.stats["batches"] < alone.stats["batches"]  # 16 prompts: 6 batches of 3, not 7 (one group each)
+    for a, b in zip(alone.scores.to_pylist(), pooled.scores.to_pylist()):
+        assert (a["query_id"], a["passage_id"]) == (b["query_id"], b["passage_id"])
+        title, text = PASSAGES[b["passage_id"]]
+        ql_sum, ql_mean, rc = reference_scores(tiny_llm, template, title, text, QUERIES[b["query_id"]])
+        assert b["ql_sum"] == pytest.approx(ql_sum, abs=1e-4) and b["ql_mean"] == pytest.approx(ql_mean, abs=1e-4)
+        assert b["rc_logodds"] == pytest.approx(rc, abs=1e-4)
+        assert b["ql_sum"] == pytest.approx(a["ql_sum"], abs=1e-4)
+
+
+def test_the_pool_holds_every_small_passage_cached_or_not(tiny_llm, template):
+    """A resumed run must cut the pool into the same batches: fully cached small passages stay in it."""
+    from pipeline.llm.scoring import _work_units, build_requests
+
+    scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+    requests = build_requests(make_pairs(), tiny_llm, PARAMS, template)  # p1: 6 prompts, p2 4, p3 4, p4 2
+    todo = [r for r in requests if r.passage_id == "p4"]  # only p4 left to score
+    units = _work_units(scorer, requests, todo, min_shared=5)
+    assert [sorted({r.passage_id for r in u}) for u in units] == [["p2", "p3", "p4"]]
+    assert _work_units(scorer, requests, todo, min_shared=1) == [todo]
+    assert _work_units(scorer, requests, [], min_shared=5) == []
+    missing_p1 = [r for r in requests if r.passage_id == "p1"][:1]
+    assert [len(u) for u in _work_units(scorer, requests, missing_p1, min_shared=5)] == [6]  # the pool is complete
+
+
 def test_batch_size_does_not_change_scores(tiny_llm, template):
     one = score_relevance(make_pairs(), tiny_llm, ScoreParams(batch_size=1, max_passage_tokens=40), LLMCache(None),
                           template, progress=False).scores  # fmt: skip
@@ -206,8 +238,9 @@ class Crash(RuntimeError):
 
 
 @pytest.mark.parametrize("methods", [["ql", "rc"], ["ql"]])
-def test_resume_after_crash_redoes_no_finished_prompt(tiny_llm, template, tmp_path, methods):
-    params = PARAMS.model_copy(update={"methods": methods})
+@pytest.mark.parametrize("min_shared", [3, 100], ids=["per-passage", "pooled"])
+def test_resume_after_crash_redoes_no_finished_prompt(tiny_llm, template, tmp_path, methods, min_shared):
+    params = PARAMS.model_copy(update={"methods": methods, "min_shared_prompts": min_shared})
     prompts = len(methods) * len(PAIRS)
     expected = score_relevance(make_pairs(), tiny_llm, params, LLMCache(None), template, progress=False).scores
     path = tmp_path / "llm.duckdb"

@@ -85,8 +85,8 @@ class Scorer(Protocol):
     """QL and RC scores of `ScoreRequest`s, as `scoring.score_relevance` drives them.
 
     Attributes:
-        shares_prefixes: True: `score_group` gets one passage's prompts at a time (they share a
-            prefix worth computing once); False: every missing prompt at once.
+        shares_prefixes: True: `score_group` gets prompts that share a prefix worth computing once
+            (one passage's, or the pool of passages with few prompts); False: every missing prompt at once.
         forward_rows: prompts scored so far; forward_tokens / prompt_tokens: tokens run / held.
     """
 

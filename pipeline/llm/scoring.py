@@ -188,7 +188,7 @@ def score_relevance(
     # same floats (padding and prefix length change the rounding). Batches hold one method each, so
     # a method's batches are the same whether or not the other method is computed; only the shared
     # prefix can grow without it, which changes nothing but rounding.
-    groups = _work_units(scorer, unique, todo)
+    groups = _work_units(scorer, unique, todo, params.min_shared_prompts)
     per_pair = len(params.methods)  # prompts per pair
     bar = _progress_bar(len(todo), progress)
     rows_before, tokens_before, prompt_tokens_before = scorer.forward_rows, scorer.forward_tokens, scorer.prompt_tokens
@@ -222,21 +222,32 @@ def score_relevance(
     return ScoringResult(scores, stats)
 
 
-def _work_units(scorer: Scorer, unique: list[ScoreRequest], todo: list[ScoreRequest]) -> list[list[ScoreRequest]]:
+def _work_units(
+    scorer: Scorer, unique: list[ScoreRequest], todo: list[ScoreRequest], min_shared: int = 1
+) -> list[list[ScoreRequest]]:
     """What each `score_group` call gets.
 
-    A scorer that shares each passage's prompt prefix (in-process) gets one passage's prompts at a
-    time, cached ones included (see above), passages in id order. A scorer without that sharing (a
-    server, `shares_prefixes = False`) gets every missing prompt at once, so that `llm.concurrency`
+    A scorer that shares prompt prefixes (in-process) gets, in passage id order, each passage with
+    at least `min_shared` prompts as one group (its passage prefix then runs once), and last all
+    the passages with fewer as one pooled group, scored whole in batches across passages (the
+    `score.min_shared_prompts` param). Groups hold cached prompts too, and the pool holds every
+    small passage of the run, missing prompts or not: a resumed run thus cuts the same batches
+    as an uninterrupted one (see above). A scorer without that sharing (a server,
+    `shares_prefixes = False`) gets every missing prompt at once, so that `llm.concurrency`
     requests can be in flight whatever the number of prompts per passage."""
+    if not todo:
+        return []
     if not getattr(scorer, "shares_prefixes", True):
-        return [todo] if todo else []
+        return [todo]
     missing = {r.passage_id for r in todo}
-    groups: dict[str, list[ScoreRequest]] = {}
+    by_passage: dict[str, list[ScoreRequest]] = {}
     for r in unique:
-        if r.passage_id in missing:
-            groups.setdefault(r.passage_id, []).append(r)
-    return [groups[pid] for pid in sorted(groups)]
+        by_passage.setdefault(r.passage_id, []).append(r)
+    small = {pid for pid, group in by_passage.items() if len(group) < min_shared}
+    units = [by_passage[pid] for pid in sorted(missing - small)]
+    if missing & small:
+        units.append([r for pid in sorted(small) for r in by_passage[pid]])
+    return units
 
 
 def _scores_table(requests: list[ScoreRequest], done: dict[str, Any], llm: str, prompt_hash: str) -> pa.Table:

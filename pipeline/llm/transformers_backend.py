@@ -499,7 +499,7 @@ class PrefixScorer:
         forward_tokens: tokens run through the model; `prompt_tokens`: tokens the prompts hold.
     """
 
-    shares_prefixes = True  # score_relevance hands it one passage's prompts at a time
+    shares_prefixes = True  # score_relevance hands it prompts that share a prefix (one passage's, or a pool)
 
     def __init__(self, llm: TransformersLLM, yes_words: Sequence[str], no_words: Sequence[str]):
         self.llm = llm
@@ -541,7 +541,8 @@ class PrefixScorer:
     def score_group(
         self, rows: Sequence[_Row], batch_size: int, skip: Container[str] = ()
     ) -> Iterator[dict[str, dict[str, float]]]:
-        """Score rows that share a passage; yields {cache key: value} per forward batch.
+        """Score rows that share a prefix (one passage's prompts, or a pool of small passages'
+        after their common system turn); yields {cache key: value} per forward batch.
 
         The rows' common token prefix (stopping before the first position any row reads logits
         from) runs once; each batch runs only the rows' tails on a copy of its KV cache. A batch
