@@ -99,7 +99,7 @@ def summary(stats: dict, rows: int, llm, params, load_s: float, total_s: float, 
             f"  llm cache: {s['cached']:,} hits, {s['computed']:,} prompts scored over {s['passages']:,} passages "
             f"in {s['batches']:,} batches, {s['score_seconds']:.2f} s: {rate}",
             f"  tokens through the model: {s['forward_tokens']:,} for prompts of {s['prompt_tokens']:,} "
-            f"(each passage's shared prefix run once)",
+            f"(shared prefixes run once; passages with fewer than {params.score.min_shared_prompts} prompts pooled)",
             drops_line(drops),
         ]
     )
