@@ -60,7 +60,7 @@ unranked as (
 -- R written as one fraction of integers: the sum of units x the other two factors, over the product
 -- of all three (x 10^6 for the units). Computed in doubles, where a product or sum of integers is
 -- exact as long as it stays below 2^53 (and a rounded one cannot fall below 2^53 if the exact one is
--- above: rounding is monotonic), so `exact` below is a sound test.
+-- above: rounding is monotonic), so `fits_double` below is a sound test.
 fractions as (
     select
         query_id,
@@ -96,17 +96,23 @@ fused as (
     select
         *,
         case
-            when numerator < 9007199254740992 and denominator < 9007199254740992 then numerator / denominator
-            else _exact_numerator // gcd(_exact_numerator, _exact_denominator)
-                / (_exact_denominator // gcd(_exact_numerator, _exact_denominator))
+            when fits_double then numerator / denominator
+            else exact_numerator // gcd(exact_numerator, exact_denominator)
+                / (exact_denominator // gcd(exact_numerator, exact_denominator))
         end as fused_score
     from (
         select
             *,
-            ql_units::hugeint * rc_denominator * knn_denominator + rc_units::hugeint * ql_denominator * knn_denominator
-                + knn_units::hugeint * ql_denominator * rc_denominator as _exact_numerator,
-            ql_denominator::hugeint * rc_denominator * knn_denominator * 1000000 as _exact_denominator
-        from fractions
+            -- NULL where the doubles are exact: the 128-bit products are computed only where needed.
+            case when not fits_double then ql_units::hugeint * rc_denominator * knn_denominator
+                + rc_units::hugeint * ql_denominator * knn_denominator
+                + knn_units::hugeint * ql_denominator * rc_denominator end as exact_numerator,
+            case when not fits_double then ql_denominator::hugeint * rc_denominator * knn_denominator * 1000000
+                end as exact_denominator
+        from (
+            select *, numerator < 9007199254740992 and denominator < 9007199254740992 as fits_double
+            from fractions
+        )
     )
 ),
 
