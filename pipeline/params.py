@@ -348,12 +348,21 @@ class EvalParams(Section):
     classification: dict[str, ClassificationSetParams] = {}
     clustering: dict[str, ClusteringSetParams] = {}
     # true: Gecko unified format (encoder.*_template); false: raw texts, as MTEB's leaderboard runs.
-    # `prefixes` applies to the trained model (`train.output`, scored when the folder exists);
-    # `base_prefixes` to the base model, which never saw the Gecko format: false scores it at its best.
-    prefixes: bool = True
-    base_prefixes: bool = False
+    # Either one value for every category or one per category ({retrieval: true, sts: false}; a
+    # category left out is true). `prefixes` applies to the trained model (`train.output`, scored when
+    # the folder exists) and to `train.dev`; `base_prefixes` to the base model, which never saw the
+    # Gecko format: false scores it at its best. The trained model is trained in the Gecko format but
+    # scores best on raw texts on every dev split measured: STSB dev 0.867 vs 0.837, Banking77 dev
+    # 0.798 vs 0.774, SciFact sample dev 0.816 vs 0.812 (README, "The trained model's input format").
+    prefixes: bool | dict[Literal["retrieval", "sts", "classification", "clustering"], bool] = False
+    base_prefixes: bool | dict[Literal["retrieval", "sts", "classification", "clustering"], bool] = False
     metrics_path: Path = Path("metrics/eval.json")
     plot_path: Path = Path("metrics/eval_plot.json")
+
+    def uses_prefixes(self, kind: str, model: Literal["trained", "base"] = "trained") -> bool:
+        """Whether `model` sees the Gecko format on eval sets of category `kind` (EVAL_KINDS)."""
+        setting = self.prefixes if model == "trained" else self.base_prefixes
+        return setting if isinstance(setting, bool) else setting.get(kind, True)
 
     @model_validator(mode="after")
     def _sets_named_and_present(self, info: ValidationInfo) -> "EvalParams":
@@ -399,6 +408,9 @@ class MixParams(Section):
     # Gecko's symmetric format: both sides formatted as queries with `task` (as evaluate formats STS
     # pairs and classification texts); false: the other sides are formatted as passages.
     symmetric: bool = True
+    # true: both sides raw texts, no task and no template (overrides `symmetric`): what evaluate reads
+    # for a category that `eval.prefixes` scores raw (by default STS).
+    raw: bool = False
     # classification: leave out the texts whose content hash falls in this share: the dev set of an
     # eval.classification set with split: train and the same holdout (never the test split).
     holdout: float = Field(0.0, ge=0, lt=1)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.evaluation.mteb_eval import EvalDataError, build_tasks, summary, write_outputs
+from pipeline.evaluation.mteb_eval import EvalDataError, build_tasks, summary, task_category, write_outputs
 from pipeline.params import PARAMS_FILE, ParamsError, load_params
 
 STAGE = "evaluate"
@@ -45,13 +45,20 @@ def main(argv: list[str] | None = None) -> None:
     ev = params.eval
     write_outputs(results, root / ev.metrics_path, root / ev.plot_path)
     print(
-        f"{STAGE}: {len(tasks)} task(s), prefixes base {'on' if ev.base_prefixes else 'off'} / "
-        f"trained {'on' if ev.prefixes else 'off'}, "
+        f"{STAGE}: {len(tasks)} task(s), Gecko format base {_formatted(ev, tasks, 'base')} / "
+        f"trained {_formatted(ev, tasks, 'trained')}, "
         f"{time.perf_counter() - started:.1f} s -> {ev.metrics_path}, {ev.plot_path}"
     )
     for label, identity in identities.items():
         print(f"  {label}: {identity}")
     print(summary(results))
+
+
+def _formatted(ev, tasks, model: str) -> str:
+    """`on`, `off`, or the categories in the Gecko format, e.g. `retrieval, classification`."""
+    kinds = list(dict.fromkeys(task_category(t) for t in tasks))
+    on = [k for k in kinds if ev.uses_prefixes(k, model)]
+    return "on" if len(on) == len(kinds) else "off" if not on else ", ".join(on)
 
 
 if __name__ == "__main__":

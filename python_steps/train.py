@@ -82,7 +82,8 @@ def run(params: Params, world: World, started: float) -> None:
             examples = mixed
         candidates = read_candidates(triples, fmt) if tp.distill_weight > 0 else None
         # Only the rank that saves selects: the others' weights are never written.
-        dev = DevScorer.from_params(tp.dev, fmt, Path.cwd(), enc.batch_size) if tp.eval_every and lead else None
+        raw = [kind for kind in ("retrieval", "sts") if not params.eval.uses_prefixes(kind)]
+        dev = DevScorer.from_params(tp.dev, fmt, Path.cwd(), enc.batch_size, raw) if tp.eval_every and lead else None
         dtype = training_dtype(tp.dtype, pick_device(params.base.device))
         encoder = Encoder.load(
             enc.model, device=params.base.device, dtype=dtype, max_length=enc.max_length, threads=params.base.threads,

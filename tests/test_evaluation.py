@@ -235,7 +235,7 @@ def test_stage_writes_metrics_and_plot_for_base_and_trained(tmp_path, beir, caps
     (tmp_path / "params.yaml").write_text(
         "encoder:\n  cache_path: null\n"
         f"train:\n  output: {trained}\n"
-        f"eval:\n  retrieval:\n    tiny: {{path: {beir}, task: {TASK}}}\n  base_prefixes: true\n"
+        f"eval:\n  retrieval:\n    tiny: {{path: {beir}, task: {TASK}}}\n  base_prefixes: true\n  prefixes: true\n"
         "  metrics_path: out/eval.json\n  plot_path: out/plot.json\n"
     )
     main([str(tmp_path / "params.yaml")])
@@ -247,6 +247,55 @@ def test_stage_writes_metrics_and_plot_for_base_and_trained(tmp_path, beir, caps
     assert [(r["model"], r["metric"]) for r in rows[:2]] == [("base", "map_at_100"), ("trained", "map_at_100")]
     out = capsys.readouterr().out
     assert "tiny ndcg_at_10" in out and "delta" in out
+
+
+def test_prefixes_per_category_route_each_set_to_its_format(tmp_path, beir, monkeypatch):
+    """`eval.prefixes: {sts: false}`: the trained model reads STS pairs raw and retrieval in the Gecko
+    format; with the same weights and both raw, its STS score is the base's to the last digit."""
+    from pipeline.evaluation import mteb_eval
+    from pipeline.retrieval.encoder import resolve_model_path
+    from python_steps.evaluate import main
+
+    (tmp_path / "sts").mkdir()
+    (tmp_path / "sts" / "dev.tsv").write_text(
+        "sentence1\tsentence2\tscore\n"
+        "a cat sits\ta cat is sitting\t5\nthe sky is blue\tprices rose\t0\nhe runs fast\the is running\t3.5\n"
+        "rain falls\tit is raining\t4.5\nan old car\ta red apple\t0.5\n"
+    )
+    calls = []
+
+    def recording(model, tasks, **kwargs):
+        calls.append((model.name, model.text_format is not None, sorted(t.metadata.name for t in tasks)))
+        return real(model, tasks, **kwargs)
+
+    real = mteb_eval.run_tasks
+    monkeypatch.setattr(mteb_eval, "run_tasks", recording)
+    trained = resolve_model_path("minilm")[0]
+    (tmp_path / "params.yaml").write_text(
+        "encoder:\n  cache_path: null\n"
+        f"train:\n  output: {trained}\n"
+        f"eval:\n  retrieval:\n    tiny: {{path: {beir}, task: {TASK}}}\n"
+        "  sts:\n    sim: {path: sts, split: dev, task: Similar}\n"
+        "  prefixes: {sts: false}\n  metrics_path: out/eval.json\n  plot_path: out/plot.json\n"
+    )
+    main([str(tmp_path / "params.yaml")])
+    assert calls == [("base", False, ["sim", "tiny"]), ("trained", True, ["tiny"]), ("trained", False, ["sim"])]
+    metrics = json.loads((tmp_path / "out/eval.json").read_text())
+    assert list(metrics["trained"]) == ["tiny", "sim", "versatility"]  # the params' order, not the runs'
+    assert metrics["trained"]["sim"] == metrics["base"]["sim"]
+
+
+def test_prefixes_setting_names_only_eval_categories(tmp_path, beir):
+    from pipeline.params import ParamsError, load_params
+
+    sets = f"eval:\n  retrieval:\n    tiny: {{path: {beir}, task: t}}\n"
+    (tmp_path / "params.yaml").write_text(sets + "  prefixes: {sts: false, stsb: true}\n")
+    with pytest.raises(ParamsError, match=r"eval\.prefixes"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(sets + "  prefixes: {classification: false}\n  base_prefixes: {sts: true}\n")
+    ev = load_params(tmp_path / "params.yaml").eval
+    assert [ev.uses_prefixes(k) for k in ("retrieval", "sts", "classification")] == [True, True, False]
+    assert [ev.uses_prefixes(k, "base") for k in ("retrieval", "sts")] == [True, True]
 
 
 def test_stage_fails_with_one_line_on_bad_data(tmp_path, beir):

@@ -96,6 +96,24 @@ def test_dev_scorer_formats_queries_with_the_task_and_documents_as_passages(tmp_
     assert scorer.sts["tiny_sts"].sentence2[0] == f"task: {TASK} | query: {SENTENCES[1]}"
 
 
+def test_dev_scorer_reads_raw_categories_as_mteb_does_without_prefixes(tiny_encoder, tmp_path):  # noqa: F811
+    """`raw` categories (eval.prefixes false for them) see mteb's own texts and score as mteb does."""
+    from pipeline.evaluation.mteb_eval import MtebEncoder, retrieval_task, run_tasks, sts_task
+
+    dev = write_dev_sets(tmp_path)
+    scorer = DevScorer.from_params(dev, TextFormat(), tmp_path, raw=("retrieval", "sts"))
+    assert scorer.retrieval["tiny"].queries[0] == "what about vaccines?"
+    assert scorer.retrieval["tiny"].docs[:2] == ["vaccines are described here", "glaciers glaciers are described here"]
+    assert scorer.sts["tiny_sts"].sentence2[0] == SENTENCES[1]
+    ours = scorer(tiny_encoder)
+    tasks = [retrieval_task("tiny", tmp_path / "beir", "dev", TASK), sts_task("tiny_sts", tmp_path / "sts", "dev", TASK)]
+    theirs = run_tasks(MtebEncoder(tiny_encoder, "tiny", None), tasks)
+    assert ours["tiny"] == pytest.approx(theirs["tiny"]["ndcg_at_10"], abs=1e-5)
+    assert ours["tiny_sts"] == pytest.approx(theirs["tiny_sts"]["cosine_spearman"], abs=1e-5)
+    only_sts = DevScorer.from_params(dev, TextFormat(), tmp_path, raw=("sts",))
+    assert only_sts.retrieval["tiny"].queries[0] == f"task: {TASK} | query: what about vaccines?"
+
+
 def test_constant_similarities_score_zero_not_nan():
     a = np.ones((3, 2)) / np.sqrt(2)
     assert cosine_spearman(a, a, [1.0, 2.0, 3.0]) == 0.0

@@ -246,6 +246,11 @@ def test_read_mix_source_by_kind(tmp_path, monkeypatch):
     assert [m.kind for m in mix] == ["pairs", "classification"]
     assert len(read_mix_source(mix[0], TextFormat(), 0)) == 2
     assert all(e.query.startswith("task: Classify | query: ") for e in read_mix_source(mix[1], TextFormat(), 0))
+    # raw: both sides exactly the file's texts, as evaluate reads STS with eval.prefixes {sts: false}.
+    raw = mix[0].model_copy(update={"raw": True})
+    assert [(e.query, e.positive) for e in read_mix_source(raw, TextFormat(), 0)] == [("a", "b"), ("b", "a")]
+    raw_intents = read_mix_source(mix[1].model_copy(update={"raw": True}), TextFormat(), 0)
+    assert all((e.query, e.positive, e.negative) == (e.query_text, e.positive_text, e.negative_text) for e in raw_intents)
     # The original single-mapping form still loads, as a list of one.
     (tmp_path / "params.yaml").write_text("train:\n  mix:\n    path: pairs.tsv\n    min_score: 4.5\n")
     assert load_params(tmp_path / "params.yaml").train.mix[0].min_score == 4.5

@@ -666,8 +666,8 @@ def write_outputs(results: dict[str, dict[str, dict[str, float]]], metrics_path:
 def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
     """Score the base encoder (`encoder.model`) and, when its folder exists, the trained one (`train.output`).
 
-    Both use the `encoder` section's settings; the Gecko templates apply to the base model with
-    `eval.base_prefixes` and to the trained one with `eval.prefixes`.
+    Both use the `encoder` section's settings; the Gecko templates apply to the base model's eval
+    categories that `eval.base_prefixes` names and to the trained one's that `eval.prefixes` names.
 
     Returns:
         ({"base"|"trained": {task: {metric: score}}}, {"base"|"trained": model identity}); each
@@ -684,20 +684,25 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
     def full(path: Path) -> Path:
         return path if path.is_absolute() else root / path
 
-    models = {"base": (enc.model, ev.base_prefixes)}
+    models = {"base": enc.model}
     if full(params.train.output).is_dir():
-        models["trained"] = (str(full(params.train.output)), ev.prefixes)
+        models["trained"] = str(full(params.train.output))
     cache = open_cache(None if enc.cache_path is None else full(enc.cache_path))
     results, identities = {}, {}
     try:
-        for label, (model, prefixes) in models.items():
-            text_format = TextFormat.from_params(enc) if prefixes else None
+        for label, model in models.items():
             encoder = Encoder.load(
                 model, device=params.base.device, dtype=enc.dtype, max_length=enc.max_length, threads=params.base.threads
             ).exclude_instruction(instruction_format(enc))
             identities[label] = encoder.identity
-            wrapped = MtebEncoder(CachedEncoder(encoder, cache), label, text_format, revision=encoder.identity)
-            results[label] = run_tasks(wrapped, tasks, batch_size=enc.batch_size)
+            scores: dict[str, dict[str, float]] = {}
+            for prefixes in (True, False):  # one mteb run per text format, over the categories that use it
+                subset = [t for t in tasks if ev.uses_prefixes(task_category(t), label) == prefixes]
+                if subset:
+                    text_format = TextFormat.from_params(enc) if prefixes else None
+                    wrapped = MtebEncoder(CachedEncoder(encoder, cache), label, text_format, revision=encoder.identity)
+                    scores |= run_tasks(wrapped, subset, batch_size=enc.batch_size)
+            results[label] = {t.metadata.name: scores[t.metadata.name] for t in tasks}  # in the params' order
             results[label][VERSATILITY] = versatility(results[label], tasks)
     finally:
         if cache is not None:

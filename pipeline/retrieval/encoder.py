@@ -100,6 +100,20 @@ class TextFormat:
         return 0 if end < 0 else end + len(between)
 
 
+class RawFormat(TextFormat):
+    """No format at all: a query is its text, a passage its title and text joined by a space (as mteb
+    hands sentence-transformers a document). What `eval.prefixes: false` scores."""
+
+    def __init__(self) -> None:
+        super().__init__("{query}", "{title} {text}", "")
+
+    def query(self, task: str | None, query: str) -> str:
+        return query
+
+    def passage(self, title: str | None, text: str) -> str:
+        return f"{(title or '').strip()} {text}".strip()
+
+
 def instruction_format(encoder_params) -> TextFormat | None:
     """What `Encoder.exclude_instruction` takes for the `encoder` params: None pools everything."""
     return None if encoder_params.pool_instruction else TextFormat.from_params(encoder_params)

@@ -292,6 +292,10 @@ def read_candidates(path: str | Path, text_format) -> dict[str, list[Candidate]]
 
 def read_mix_source(source, text_format, seed: int) -> list[Example]:
     """The examples of one `train.mix` source (a `pipeline.params.MixParams`), by its kind."""
+    if source.raw:
+        from pipeline.retrieval.encoder import RawFormat
+
+        text_format = RawFormat()
     if source.kind == "classification":
         return read_labelled_examples(source.path, source.task, text_format, seed, source.symmetric, source.holdout)
     return read_pairs(source.path, source.min_score, source.task, text_format, source.symmetric)

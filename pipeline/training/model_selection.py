@@ -3,8 +3,9 @@
 The dev metrics are MTEB's main scores computed directly on the in-process encoder (no mteb run:
 it would rebuild datasets and re-sort on every call): nDCG@10 as pytrec_eval computes it for
 retrieval sets, Spearman of cosine similarity against the gold scores for STS sets. Texts are in
-the Gecko format the model is trained on: queries (and both STS sides) as `task: ... | query: ...`
-with the set's task, documents as passages. The selection score is the mean over the sets.
+the Gecko format the model is trained on (queries and both STS sides as `task: ... | query: ...`
+with the set's task, documents as passages), or raw for the categories `eval.prefixes` scores raw.
+The selection score is the mean over the sets.
 
 `ModelSelector` evaluates at step 0 (the base, before any update), every `train.eval_every`
 steps and at the last step, and keeps a CPU copy of the best weights; a step must beat every
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,13 @@ class DevScorer:
     batch_size: int = 64
 
     @classmethod
-    def from_params(cls, dev_params: Any, text_format: Any, root: Path, batch_size: int = 64) -> "DevScorer":
+    def from_params(
+        cls, dev_params: Any, text_format: Any, root: Path, batch_size: int = 64, raw: Collection[str] = ()
+    ) -> "DevScorer":
         """Read the `train.dev` sets (paths relative to `root`) and format their texts once.
+
+        `raw` names the categories ("retrieval", "sts") read as raw texts instead of `text_format`,
+        as `eval.prefixes` scores them, so the step chosen is the best in the format it is evaluated in.
 
         Raises:
             pipeline.evaluation.mteb_eval.EvalDataError: a file is missing or malformed (file and line named).
@@ -138,21 +144,26 @@ class DevScorer:
         def full(path: Path) -> Path:
             return path if path.is_absolute() else root / path
 
-        retrieval = {}
+        from pipeline.retrieval.encoder import RawFormat
+
+        def format_of(kind: str) -> Any:
+            return RawFormat() if kind in raw else text_format
+
+        retrieval, fmt = {}, format_of("retrieval")
         for name, spec in dev_params.retrieval.items():
             data = read_beir(full(spec.path), spec.split)
             retrieval[name] = RetrievalDev(
-                queries=text_format.queries([spec.task] * len(data.queries), [q["text"] for q in data.queries]),
+                queries=fmt.queries([spec.task] * len(data.queries), [q["text"] for q in data.queries]),
                 query_ids=[q["id"] for q in data.queries],
-                docs=text_format.passages([d["title"] for d in data.corpus], [d["text"] for d in data.corpus]),
+                docs=fmt.passages([d["title"] for d in data.corpus], [d["text"] for d in data.corpus]),
                 doc_ids=[d["id"] for d in data.corpus],
                 qrels=data.qrels,
             )
-        sts = {}
+        sts, fmt = {}, format_of("sts")
         for name, spec in dev_params.sts.items():
             data = read_sts(full(spec.path) / f"{spec.split}.tsv")
             tasks = [spec.task] * len(data.score)
-            sides = (text_format.queries(tasks, data.sentence1), text_format.queries(tasks, data.sentence2))
+            sides = (fmt.queries(tasks, data.sentence1), fmt.queries(tasks, data.sentence2))
             sts[name] = STSDev(*sides, data.score)
         return cls(retrieval, sts, batch_size)
 
