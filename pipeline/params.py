@@ -409,7 +409,7 @@ class MixParams(Section):
     # pairs and classification texts); false: the other sides are formatted as passages.
     symmetric: bool = True
     # true: both sides raw texts, no task and no template (overrides `symmetric`): what evaluate reads
-    # for a category that `eval.prefixes` scores raw (by default STS).
+    # for a category that `eval.prefixes` scores raw (by default every category).
     raw: bool = False
     # classification: leave out the texts whose content hash falls in this share: the dev set of an
     # eval.classification set with split: train and the same holdout (never the test split).
