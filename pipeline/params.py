@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, PlainValidator, Tag, ValidationError, ValidationInfo, field_validator,
+    model_validator,
+)  # fmt: skip
 
 PARAMS_FILE = "params.yaml"
 
@@ -334,6 +337,28 @@ class ClusteringSetParams(EvalSetParams):
 EVAL_KINDS = ("retrieval", "sts", "classification", "clustering")
 
 
+def _prefix_setting(value: Any) -> bool | dict[str, bool]:
+    """`eval.prefixes` / `eval.base_prefixes`: a bool, or a mapping of eval category to bool.
+
+    One plain validator instead of a Union type, so a bad value is reported at the key itself
+    (with its line), not at a union member's name.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in EVAL_KINDS]
+        if unknown:
+            raise ValueError(f"unknown eval category {unknown[0]!r} (categories: {', '.join(EVAL_KINDS)})")
+        not_bool = [k for k, v in value.items() if not isinstance(v, bool)]
+        if not_bool:
+            raise ValueError(f"{not_bool[0]}: expected true or false, got {value[not_bool[0]]!r}")
+        return dict(value)
+    raise ValueError(f"expected true, false or a mapping of eval category to true/false, got {value!r}")
+
+
+PrefixSetting = Annotated[bool | dict[str, bool], PlainValidator(_prefix_setting)]
+
+
 class EvalParams(Section):
     """The evaluate stage: mteb on local eval sets, the base encoder and the trained one."""
 
@@ -354,8 +379,8 @@ class EvalParams(Section):
     # Gecko format: false scores it at its best. The trained model is trained in the Gecko format but
     # scores best on raw texts on every dev split measured: STSB dev 0.867 vs 0.837, Banking77 dev
     # 0.798 vs 0.774, SciFact sample dev 0.816 vs 0.812 (README, "The trained model's input format").
-    prefixes: bool | dict[Literal["retrieval", "sts", "classification", "clustering"], bool] = False
-    base_prefixes: bool | dict[Literal["retrieval", "sts", "classification", "clustering"], bool] = False
+    prefixes: PrefixSetting = False
+    base_prefixes: PrefixSetting = False
     metrics_path: Path = Path("metrics/eval.json")
     plot_path: Path = Path("metrics/eval_plot.json")
 
