@@ -34,8 +34,10 @@ words as (
         -- Words: lowercased runs of letters and digits in any script, for both copy rate and length.
         regexp_extract_all(lower(query_texts.query), '[\pL\pN]+') as query_words,
         -- The seed's words as one space-padded string: a word occurs in it iff ' word ' does, which is
-        -- about twice as fast as a list of the seed's words (passages are long, queries short).
-        ' ' || regexp_replace(lower(seed_texts.seed_text), '[^\pL\pN]+', ' ', 'g') || ' ' as seed_words,
+        -- about twice as fast as a list of the seed's words (passages are long, queries short). Only
+        -- what is neither a letter, a digit nor a space becomes a space: the spaces already there are
+        -- left alone, so the regex stops at punctuation only, not between every two words (2x faster).
+        ' ' || regexp_replace(lower(seed_texts.seed_text), '[^\pL\pN ]+', ' ', 'g') || ' ' as seed_words,
         -- Near-duplicate key: case, punctuation and spacing are not what makes two queries differ.
         trim(regexp_replace(regexp_replace(lower(query_texts.query), '[^\pL\pN\s]', '', 'g'), '\s+', ' ', 'g'))
             as normalized_query

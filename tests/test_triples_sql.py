@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -554,6 +555,27 @@ def test_copy_rate_limit_drops_queries_copied_from_their_seed(filter_warehouse):
     assert filter_counts(filter_warehouse) == (0, 2, 0, 0, 0, 2)
     build(filter_warehouse, positive="seed", max_copy_rate=1.0)  # the limit itself is allowed
     assert filter_counts(filter_warehouse) == (0, 0, 0, 0, 0, 0)
+
+
+def test_copy_rate_splits_the_seed_at_every_non_word_character(tmp_path):
+    # The SQL turns only punctuation and odd whitespace into spaces and leaves the spaces there:
+    # tabs, newlines, no-break spaces, runs of spaces, underscores and hyphens must all still end a
+    # word, and letters outside ASCII must stay inside one, as Python's [^\W_]+ reads them.
+    seed = "Tab\tsep,new\nline  double\u00a0nbsp café-au-lait naïve x_y (paren) end."
+    queries = {
+        "q1": "tab sep new line double nbsp",  # every word a whole word of the seed
+        "q2": "café au lait naïve x y paren end",
+        "q3": "tabsep newline caf lai na ve xy parenend",  # glued or cut words: none is in the seed
+        "q4": "Tab, sep? zzz",
+    }
+    warehouse = write_upstream(tmp_path / "w", query_texts=queries, passage_texts={"p01": seed},
+                               queries={q: ("p01", "fact checking") for q in queries},
+                               candidates={q: CANDIDATES["q1"] for q in queries})  # fmt: skip
+    build(warehouse, positive="seed")
+    words = lambda text: re.findall(r"[^\W_]+", text.lower())  # noqa: E731
+    expected = [(q, sum(w in set(words(seed)) for w in words(text)) / len(words(text))) for q, text in queries.items()]
+    assert expected == [("q1", 1.0), ("q2", 1.0), ("q3", 0.0), ("q4", 2 / 3)]
+    assert query(warehouse, "select query_id, copy_rate from query_filters order by query_id") == expected
 
 
 def test_length_limits_drop_short_and_long_queries(filter_warehouse):
