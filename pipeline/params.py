@@ -646,6 +646,10 @@ class GenerateParams(Section):
     retry_temperature: float = Field(0.7, gt=0, le=2)
     # The stage fails when more than this share of queries is still invalid after the retries.
     max_failure_rate: float = Field(0.05, ge=0, le=1)
+    # A query starting with a few-shot example's first K words is a copy (often with a new ending):
+    # rejected and retried, and its row stops decoding as soon as those words are out. null: only a
+    # word-for-word copy is rejected (checked when the row ends).
+    copy_prefix_words: int | None = Field(4, ge=1)
 
     @field_validator("task_types")
     @classmethod

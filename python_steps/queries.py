@@ -40,7 +40,8 @@ def summary(result: GenerationResult, rows: int, llm: str, load_seconds: float, 
         f"{STAGE}: {rows:,} queries, {int(s['failures']):,} failures (table generation_failures) "
         f"in {seconds:.1f} s with {llm} (load {load_seconds:.1f} s)",
         f"  {int(s['requests']):,} requested: {int(s['cached']):,} from the LLM cache, {int(s['generated']):,} generated "
-        f"({int(s['calls']):,} calls with retries) in {s['generate_seconds']:.1f} s: "
+        f"({int(s['calls']):,} calls with retries, {int(s['stopped_copies']):,} cut as few-shot copies) "
+        f"in {s['generate_seconds']:.1f} s: "
         f"{s['passages_per_s']:.2f} passages/s, {s['tokens_per_s']:.0f} tokens/s",
         f"  query words {report['mean_query_words']:.1f}, copy rate {report['mean_copy_rate']:.2f} "
         f"({int(report['full_copies'])} full copies), duplicates {int(report['duplicate_queries'])}, "

@@ -49,7 +49,7 @@ class Counting:
     def chat_prompt(self, messages):
         return self.llm.chat_prompt(messages)
 
-    def generate_json(self, prompts, schema, decodings, max_new_tokens, retry=None):
+    def generate_json(self, prompts, schema, decodings, max_new_tokens, retry=None, stop=None):
         """Counts first attempts as rows; an attempt of a corrupted passage reaches `retry` replaced."""
         self.rows += len(prompts)
 
@@ -61,7 +61,7 @@ class Counting:
                     out = Completion('{"task": "short", "query": "x"}', 9, True)
             return retry(i, out) if retry is not None else None
 
-        return self.llm.generate_json(prompts, schema, decodings, max_new_tokens, retry=check)
+        return self.llm.generate_json(prompts, schema, decodings, max_new_tokens, retry=check, stop=stop)
 
 
 def _rows(table: pa.Table) -> list[dict]:
@@ -190,6 +190,102 @@ def test_a_query_copied_from_the_few_shot_examples_is_invalid():
     text = '{"task": "Given a question, find answers", "query": "%s"}' % example["query"].upper()
     assert validate(text)[0] is not None
     assert validate(text, PromptTemplate().examples) == (None, "query: copies a few-shot example")
+
+
+def test_a_query_starting_with_an_example_s_first_words_is_a_copy():
+    from pipeline.llm.generate import CopyCheck, validate
+
+    examples = [{"query": "how do bees tell other bees where to find food"}, {"query": "venv activate"}]
+    check = CopyCheck(examples, prefix_words=4)
+    reason = "query: starts with a few-shot example's first 4 words"
+    assert check.reason("How do bees, TELL other bees where to find food") == CopyCheck.EXACT
+    assert check.reason("how do bees tell the time at night") == reason  # the start kept, the end new
+    assert check.reason("venv activate on windows") == reason  # a shorter example: all of its words
+    assert check.reason("how do bees see colour") is None  # three words in common are not a copy
+    assert check.reason("how do cells tell other cells where to go") is None
+    assert CopyCheck(examples).reason("how do bees tell the time at night") is None  # prefix_words off
+    text = '{"task": "Given a question, find answers", "query": "how do bees tell the time"}'
+    assert validate(text, examples) == (validate(text)[0], None)
+    assert validate(text, examples, prefix_words=4) == (None, reason)
+
+
+@pytest.mark.parametrize(
+    ("partial", "copying"),
+    [
+        ('{"task": "how do bees tell other bees', False),  # the task may say anything
+        ('{"task": "Find answers", "query": "how do bees tel', False),  # 3 words and one still growing
+        ('{"task": "Find answers", "query": "how do bees tell', False),  # "tell" may become "tells"
+        ('{"task": "Find answers", "query": "how do bees tells ', False),
+        ('{"task": "Find answers", "query": "how do bees tell ', True),
+        ('{"task": "Find answers", "query": "How do bees tell?', True),
+        ('{"task": "Find answers", "query": "how do bees tell"', True),  # the string has ended
+        ('{"task": "Find answers", "query":"how do  bees tell the', True),
+        ('{"task": "Find answers", "query": "so how do bees tell ', False),
+    ],
+)
+def test_a_copy_is_seen_in_the_partial_output_once_its_words_are_out(partial, copying):
+    from pipeline.llm.generate import CopyCheck
+
+    examples = [{"query": "how do bees tell other bees where to find food"}]
+    assert CopyCheck(examples, prefix_words=4).copying_so_far(partial) is copying
+    assert CopyCheck(examples).copying_so_far(partial) is False
+
+
+class Typing:
+    """Writes scripted outputs one character at a time, asking `stop` after each (as the in-process
+    backend does per token); attempt k of a passage gets its script's k-th output (the last repeats)."""
+
+    identity = "typing-llm"
+
+    def __init__(self, script: dict[str, list[str]]):
+        self.script, self.attempts, self.typed = script, Counter(), 0
+
+    def chat_prompt(self, messages):
+        return "\n".join(m["content"] for m in messages)
+
+    def generate_json(self, prompts, schema, decodings, max_new_tokens, retry=None, stop=None):
+        out = []
+        for i, prompt in enumerate(prompts):
+            while True:
+                done = self._type(i, prompt, stop)
+                if retry is None or retry(i, done) is None:
+                    out.append(done)
+                    break
+        return out
+
+    def _type(self, i, prompt, stop):
+        passage = next(p for p in self.script if f"Title {p}\n" in prompt)
+        outputs = self.script[passage]
+        text = outputs[min(self.attempts[passage], len(outputs) - 1)]
+        self.attempts[passage] += 1
+        for n in range(1, len(text) + 1):
+            self.typed += 1
+            if stop is not None and stop(i, text[:n]):
+                return Completion(text[:n], n, False, True)
+        return Completion(text, len(text), True)
+
+
+def test_a_row_that_starts_copying_an_example_is_cut_there_and_retried(tmp_path):
+    from pipeline.llm.generate import PromptTemplate
+
+    example = PromptTemplate().examples[0]["query"]  # "how do bees tell other bees where to find food"
+    copy = '{"task": "Given a question, find the answer", "query": "%s and honey"}' % example
+    good = '{"task": "Given a question, find the answer", "query": "what carries sediment to the sea"}'
+    llm = Typing({"0": [copy, good], "1": [good], "2": [copy]})
+    params = _params(task_types=["question answering"], max_failure_rate=1.0, max_retries=1)
+    result = generate_queries(_passages(3), llm, params, 42, LLMCache(tmp_path / "c.duckdb"), progress=False)
+    cut = copy.index(" tell ") + len(" tell ")  # the fourth word and the character that ends it
+    assert [r["attempt"] for r in result.queries.to_pylist()] == [1, 0]  # doc0 on its retry, doc1 at once
+    (failure,) = result.failures.to_pylist()  # doc2 copies on every attempt
+    assert failure["passage_id"] == "doc2#0" and failure["raw_output"] == copy[:cut]
+    assert failure["reason"] == "query: starts with a few-shot example's first 4 words"
+    assert result.stats["stopped_copies"] == 3 and llm.typed == 3 * cut + 2 * len(good)
+    # Off, the copies are written to their end and only the exact rule applies: the copy passes.
+    llm = Typing({"0": [copy, good], "1": [good], "2": [copy]})
+    result = generate_queries(_passages(3), llm, _params(task_types=["question answering"], copy_prefix_words=None),
+                              42, LLMCache(tmp_path / "off.duckdb"), progress=False)  # fmt: skip
+    assert result.stats["stopped_copies"] == 0 and result.queries.num_rows == 3
+    assert llm.typed == 2 * len(copy) + len(good)
 
 
 def test_a_cached_output_that_no_longer_validates_is_recomputed(tiny_llm, tmp_path):

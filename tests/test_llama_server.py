@@ -160,7 +160,8 @@ def test_server_generation_is_schema_valid(server_llm, sample, tmp_path):
     for c in completions:
         assert c.finished, c  # the grammar ended the JSON before max_new_tokens
         GeneratedQuery.model_validate_json(c.text)  # raises if the server broke the schema
-    # The stage's path: every query written is valid; a failure may only be a copied few-shot example.
+    # The stage's path: every query written is valid; a failure may only be a copied few-shot example
+    # (the server cannot be stopped mid-row: its copies are found when they end).
     params = GenerateParams(batch_size=3, max_passage_words=120, max_failure_rate=1.0)
     result = generate_queries(passages, server_llm, params, 42, LLMCache(tmp_path / "llm.duckdb"), template,
                               progress=False)
@@ -170,7 +171,7 @@ def test_server_generation_is_schema_valid(server_llm, sample, tmp_path):
     for row in result.queries.to_pylist():
         assert validate(json.dumps({"task": row["task"], "query": row["query"]}))[0] is not None
         assert row["llm"].startswith("openai:smollm2-q4_1|SmolLM2-135M-Instruct.Q4_1@")
-    assert all(f["reason"] == "query: copies a few-shot example" for f in result.failures.to_pylist())
+    assert all("few-shot example" in f["reason"] for f in result.failures.to_pylist())
 
 
 def test_server_scores_agree_with_in_process(server_llm, local_llm, sample, tmp_path):

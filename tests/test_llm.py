@@ -147,6 +147,37 @@ def test_a_retry_restarts_the_row_in_place_as_a_fresh_call(tiny_llm):
     assert [o.text for o in outs] == [plain[0].text, fresh.text, plain[2].text]
 
 
+def test_stop_ends_an_attempt_early_and_hands_it_to_retry(tiny_llm):
+    from collections import Counter
+
+    prompts = _prompts(tiny_llm, 3)
+    decodings = [Decoding(seed=i) for i in range(3)]
+    plain = tiny_llm.generate_json(prompts, GeneratedQuery, decodings, MAX_NEW)
+    retry_with = Decoding(seed=11, temperature=1.0)
+    seen, ends = [], Counter()
+
+    def stop(i, text):  # row 1's first attempt only, once it has written its opening brace and a bit more
+        seen.append((i, text))
+        return i == 1 and ends[1] == 0 and len(text) >= 12
+
+    def retry(i, out):
+        ends[i] += 1
+        if i == 1 and ends[i] == 1:
+            assert out.stopped and not out.finished and len(out.text) >= 12
+            assert plain[1].text.startswith(out.text) and out.new_tokens < plain[1].new_tokens
+            return retry_with
+        return None
+
+    outs = tiny_llm.generate_json(prompts, GeneratedQuery, decodings, MAX_NEW, retry=retry, stop=stop)
+    fresh = tiny_llm.generate_json(prompts[1:2], GeneratedQuery, [retry_with], MAX_NEW)[0]
+    assert ends == {0: 1, 1: 2, 2: 1}
+    assert [o.text for o in outs] == [plain[0].text, fresh.text, plain[2].text]
+    assert not any(o.stopped for o in outs)
+    # stop sees each row's whole text so far after every token it writes
+    row0 = [t for i, t in seen if i == 0]
+    assert row0[-1] == plain[0].text and len(row0) == plain[0].new_tokens
+
+
 def test_cut_output_is_reported_unfinished(tiny_llm):
     out = tiny_llm.generate_json(_prompts(tiny_llm, 1), GeneratedQuery, [Decoding(0)], 4)[0]
     assert not out.finished and out.new_tokens == 4

@@ -42,7 +42,8 @@ class Decoding:
 class Completion:
     text: str  # the generated text, special tokens removed
     new_tokens: int  # tokens generated, the end-of-sequence token excluded
-    finished: bool  # True: ended where the schema allows; False: cut at max_new_tokens
+    finished: bool  # True: ended where the schema allows; False: cut at max_new_tokens (or stopped)
+    stopped: bool = False  # True: ended early because `stop` said so (generate_json)
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,15 @@ class JsonLLM(Protocol):
         decodings: list[Decoding],
         max_new_tokens: int,
         retry: Callable[[int, Completion], Decoding | None] | None = None,
+        stop: Callable[[int, str], bool] | None = None,
     ) -> list[Completion]:
         """For each prompt, text held to `schema`'s JSON, all prompts in one batch.
 
         `retry(i, completion)` is called when row `i` ends an attempt; a `Decoding` it returns
         starts a new attempt of that row, None keeps it. The result is each row's last attempt.
+        `stop(i, text)` may be called with row `i`'s text so far while it decodes; True ends the
+        attempt there (`Completion.stopped`), which then goes to `retry` like any other. A backend
+        that cannot watch a row decode (a server) never calls it: the caller validates the output.
         A row's output depends on its prompt and its `Decoding` only, not on the rest of the batch."""
         ...
 

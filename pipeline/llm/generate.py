@@ -150,19 +150,75 @@ def build_requests(
     return requests
 
 
-def validate(text: str, examples: Sequence[dict[str, str]] = ()) -> tuple[GeneratedQuery | None, str | None]:
+class CopyCheck:
+    """Whether a query copies a few-shot example instead of reading its passage.
+
+    A copy is the example's query word for word (case and punctuation aside), or, with
+    `prefix_words` = K, any query that starts with the example's first K words (all of them for a
+    shorter example): a small model often keeps an example's start and changes only its end ("why
+    does monthly compounding earn more than yearly compounding at the same rate" in a SciFact run).
+    The examples' openings are topical ("how do bees tell", "the great wall of"), so a query of the
+    corpus's own starts like one only by copying it.
+    """
+
+    EXACT = "query: copies a few-shot example"
+
+    def __init__(self, examples: Sequence[dict[str, str]] = (), prefix_words: int | None = None):
+        self.examples = [words(e["query"]) for e in examples]
+        self.prefix_words = prefix_words
+        self.prefix_reason = f"query: starts with a few-shot example's first {prefix_words} words"
+
+    def reason(self, query: str) -> str | None:
+        """Why `query` is a copy, or None."""
+        query_words = words(query)
+        if any(query_words == e for e in self.examples):
+            return self.EXACT
+        return self.prefix_reason if self._starts_like(query_words) else None
+
+    def copying_so_far(self, text: str) -> bool:
+        """True once the partial JSON `text` has a query whose finished words already start like an
+        example: its final query is bound to be a copy, so its row may stop decoding there."""
+        if self.prefix_words is None:
+            return False
+        found = _QUERY_OPENS.search(text)
+        if found is None:
+            return False
+        # The schema forbids quotes and backslashes inside strings: the value runs to the next quote.
+        partial = text[found.end() :].split('"', 1)
+        query_words = words(partial[0])
+        if len(partial) == 1 and partial[0] and _WORD.match(partial[0][-1]):
+            query_words = query_words[:-1]  # the last word may still grow
+        return self._starts_like(query_words)
+
+    def _starts_like(self, query_words: list[str]) -> bool:
+        if self.prefix_words is None:
+            return False
+        for example in self.examples:
+            n = min(self.prefix_words, len(example))
+            if n and len(query_words) >= n and query_words[:n] == example[:n]:
+                return True
+        return False
+
+
+_QUERY_OPENS = re.compile(r'"query"\s*:\s*"')
+
+
+def validate(
+    text: str, examples: Sequence[dict[str, str]] = (), prefix_words: int | None = None
+) -> tuple[GeneratedQuery | None, str | None]:
     """The parsed output, or None and the reason it is invalid.
 
-    Besides the schema, a query equal to a few-shot example's is rejected: a small model often
-    repeats the last example instead of reading the passage."""
+    Besides the schema, a query that copies a few-shot example is rejected (`CopyCheck`): a small
+    model often repeats an example instead of reading the passage."""
     try:
         parsed = GeneratedQuery.model_validate_json(text)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "output"
         return None, f"{where}: {first['msg']}"
-    if any(words(parsed.query) == words(e["query"]) for e in examples):
-        return None, "query: copies a few-shot example"
+    reason = CopyCheck(examples, prefix_words).reason(parsed.query)
+    if reason is not None:
+        return None, reason
     return parsed, None
 
 
@@ -192,7 +248,7 @@ def generate_queries(
     started = time.perf_counter()
     requests = build_requests(passages, llm, params, seed, template)
     # A cached output is re-checked: validation rules may have tightened since it was stored.
-    done = {k: e for k, e in cache.get_many(r.key for r in requests).items() if _still_valid(e.value, template)}
+    done = {k: e for k, e in cache.get_many(r.key for r in requests).items() if _still_valid(e.value, template, params)}
     todo = [r for r in requests if r.key not in done]
     batches = _batches(todo, params.batch_size)
     failures: list[dict[str, Any]] = []
@@ -219,6 +275,7 @@ def generate_queries(
         "calls": counts["calls"],
         "failures": len(failures),
         "new_tokens": counts["new_tokens"],
+        "stopped_copies": counts["stopped"],  # attempts cut as soon as they started like an example
         "generate_seconds": gen_seconds,
         "seconds": time.perf_counter() - started,
         "passages_per_s": len({r.passage_id for r in todo}) / gen_seconds if todo and gen_seconds > 0 else 0.0,
@@ -249,8 +306,10 @@ def _run_batch(
         failures: list[dict[str, Any]] = []
         check = _checker(batch, params, template, finished, failures, counts)
         decodings = [Decoding(r.seed, params.temperature) for r in batch]
+        copies = CopyCheck(template.examples, params.copy_prefix_words)
         try:
-            llm.generate_json([r.prompt for r in batch], GeneratedQuery, decodings, params.max_new_tokens, retry=check)
+            llm.generate_json([r.prompt for r in batch], GeneratedQuery, decodings, params.max_new_tokens,
+                              retry=check, stop=lambda i, text: copies.copying_so_far(text))
             return finished, failures
         except Exception as err:  # noqa: BLE001 - any backend error becomes a recorded failure
             error = err
@@ -269,19 +328,24 @@ def _checker(
     """The `retry` callback of `generate_json` for `batch`: validate row i's attempt; keep it in
     `finished` (or `failures`, when out of retries), or return the Decoding of its next attempt."""
     attempts = [0] * len(batch)
+    copies = CopyCheck(template.examples, params.copy_prefix_words)
 
     def check(i: int, out: Any) -> Decoding | None:
         r, attempt = batch[i], attempts[i]
         counts["calls"] += 1
         counts["new_tokens"] += out.new_tokens
-        parsed, reason = validate(out.text, template.examples)
+        if out.stopped:  # cut by `copying_so_far`: a copy, the rest of it never written
+            counts["stopped"] += 1
+            parsed, reason = None, copies.prefix_reason
+        else:
+            parsed, reason = validate(out.text, template.examples, params.copy_prefix_words)
         if parsed is not None:
             finished[r.key] = {**parsed.model_dump(), "attempt": attempt, "new_tokens": out.new_tokens}
             return None
         if attempt < params.max_retries:
             attempts[i] += 1  # a retry samples (at retry_temperature when greedy: it would repeat itself)
             return Decoding(stable_int(r.seed, attempts[i]), params.temperature or params.retry_temperature)
-        if not out.finished:
+        if not out.finished and not out.stopped:
             reason = f"cut at max_new_tokens={params.max_new_tokens}; {reason}"
         failures.append(_failure(r, attempt + 1, reason, out.text))
         return None
@@ -289,12 +353,12 @@ def _checker(
     return check
 
 
-def _still_valid(value: Any, template: PromptTemplate) -> bool:
+def _still_valid(value: Any, template: PromptTemplate, params: GenerateParams) -> bool:
     try:
         text = json.dumps({"task": value["task"], "query": value["query"]})
     except (TypeError, KeyError):
         return False
-    return validate(text, template.examples)[0] is not None
+    return validate(text, template.examples, params.copy_prefix_words)[0] is not None
 
 
 def _batches(todo: list[Request], size: int) -> list[list[Request]]:

@@ -244,8 +244,11 @@ class OpenAILLM(ChatPrompts):
         decodings: list[Decoding],
         max_new_tokens: int,
         retry: Callable[[int, Completion], Decoding | None] | None = None,
+        stop: Callable[[int, str], bool] | None = None,
     ) -> list[Completion]:
         """As `pipeline.llm.base.JsonLLM.generate_json`, every prompt (and every retry) in flight at once.
+
+        `stop` is never called: the server returns each output whole, and the caller validates it.
 
         `retry` runs on the calling thread, one completion at a time, so it needs no lock."""
         if len(prompts) != len(decodings):

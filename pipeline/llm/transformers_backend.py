@@ -163,6 +163,7 @@ class TransformersLLM(ChatPrompts):
         decodings: list[Decoding],
         max_new_tokens: int,
         retry: Callable[[int, Completion], Decoding | None] | None = None,
+        stop: Callable[[int, str], bool] | None = None,
     ) -> list[Completion]:
         """Generate, for each prompt, text held to `schema`'s JSON regex, all prompts in one batch.
 
@@ -173,7 +174,8 @@ class TransformersLLM(ChatPrompts):
 
         Prompts need not share anything: each row reuses the longest stored prefix KV cache it
         starts with (the few-shot part of its prompt) and prefills only the rest, then all rows
-        decode together in one left-padded batch.
+        decode together in one left-padded batch. `stop(i, text)` is asked after each token of row
+        `i` (`Completion.stopped` when it ends the attempt), so a doomed attempt frees its place early.
 
         The output is valid JSON for the schema unless it was cut at `max_new_tokens`
         (`Completion.finished` False); callers still validate with `schema.model_validate_json`.
@@ -195,7 +197,7 @@ class TransformersLLM(ChatPrompts):
             cache, attention, positions = _left_padded_batch(caches, [len(i) for i in ids])
             del caches  # the batch holds its own copy; free the per-row ones before decoding
             attempts = [_Attempt.start(index, d) for d in decodings]
-            return self._decode(logits, attention, positions, cache, attempts, ids, max_new_tokens, retry)
+            return self._decode(logits, attention, positions, cache, attempts, ids, max_new_tokens, retry, stop)
 
     def _prefill_rows(self, ids: list[list[int]]) -> tuple[list[Any], "torch.Tensor"]:
         """Each row's KV cache (batch of one) and the logits of its last prompt token.
@@ -264,7 +266,7 @@ class TransformersLLM(ChatPrompts):
                 cache.update(layer.keys[:, :, :n], layer.values[:, :, :n], i)
         return cache
 
-    def _decode(self, logits, attention, positions, cache, attempts, ids, max_new_tokens, retry) -> list[Completion]:
+    def _decode(self, logits, attention, positions, cache, attempts, ids, max_new_tokens, retry, stop) -> list[Completion]:
         """Constrained decoding: mask each row's logits with its Guide, pick, advance. A row whose
         attempt ends either leaves the batch (and the KV cache), so later steps only pay for the
         rows still writing, or, when `retry` asks for another attempt, starts over in place."""
@@ -285,11 +287,17 @@ class TransformersLLM(ChatPrompts):
                 if token != eos and token >= 0:
                     attempt.guide.advance(token_id=token, return_tokens=False)
                     attempt.tokens.append(token)
-                    if len(attempt.tokens) < max_new_tokens:
+                    text = self.tokenizer.decode(attempt.tokens, skip_special_tokens=True) if stop else None
+                    stopped = stop is not None and stop(r, text)
+                    if len(attempt.tokens) < max_new_tokens and not stopped:
                         keep.append(i)
                         continue
-                done = Completion(self.tokenizer.decode(attempt.tokens, skip_special_tokens=True),
-                                  len(attempt.tokens), token == eos)
+                    if text is None:
+                        text = self.tokenizer.decode(attempt.tokens, skip_special_tokens=True)
+                    done = Completion(text, len(attempt.tokens), False, stopped)  # cut or stopped
+                else:
+                    done = Completion(self.tokenizer.decode(attempt.tokens, skip_special_tokens=True),
+                                      len(attempt.tokens), token == eos)
                 again = retry(r, done) if retry is not None else None
                 if again is None:
                     results[r] = done

@@ -50,7 +50,7 @@ class ScriptedLLM:
     def chat_prompt(self, messages):
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
-    def generate_json(self, prompts, schema, decodings, max_new_tokens, retry=None):
+    def generate_json(self, prompts, schema, decodings, max_new_tokens, retry=None, stop=None):
         """Both protocols: without `retry` one answer per row; with it, the caller's `retry(i, answer)`
         returns the decoding of a new attempt of row i, or None when the row is done."""
         out = []
