@@ -54,6 +54,19 @@ def test_save_replaces_an_existing_folder(tiny_encoder, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporaries left behind
 
 
+def test_saved_files_do_not_depend_on_how_the_tokenizer_was_loaded(tiny_bert_dir, tmp_path):
+    # HF_HUB_OFFLINE=1 makes transformers record local_files_only: true on the tokenizer it loads.
+    online = Encoder.load(tiny_bert_dir, device="cpu")
+    offline = Encoder.load(tiny_bert_dir, device="cpu")
+    offline.tokenizer.init_kwargs["local_files_only"] = True
+    files = {}
+    for name, encoder in (("online", online), ("offline", offline)):
+        folder = encoder.save(tmp_path / name)
+        files[name] = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert files["online"] == files["offline"]
+    assert "local_files_only" not in json.loads(files["offline"]["tokenizer_config.json"])
+
+
 def test_batching_and_order_do_not_change_vectors(tiny_encoder):
     texts = make_texts(17)
     one_by_one = np.stack([tiny_encoder.encode([t])[0] for t in texts])

@@ -515,6 +515,10 @@ class Encoder:
                 if int(pid) == os.getpid() or not _alive(int(pid)):
                     shutil.rmtree(stale, ignore_errors=True)
         self.module.save_pretrained(tmp)
+        # How the tokenizer was loaded is not part of the model: transformers records
+        # local_files_only (set by HF_HUB_OFFLINE) and would write it, so the same weights saved in
+        # two environments would differ in tokenizer_config.json.
+        self.tokenizer.init_kwargs.pop("local_files_only", None)
         self.tokenizer.save_pretrained(tmp)
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
