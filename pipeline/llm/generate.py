@@ -301,12 +301,12 @@ def _run_batch(
     goes on: one crashing batch must not cost the work of all the others.
     """
     error: Exception | None = None
+    copies = CopyCheck(template.examples, params.copy_prefix_words)
     for _ in range(params.max_retries + 1):
         finished: dict[str, dict[str, Any]] = {}
         failures: list[dict[str, Any]] = []
-        check = _checker(batch, params, template, finished, failures, counts)
+        check = _checker(batch, params, template, copies, finished, failures, counts)
         decodings = [Decoding(r.seed, params.temperature) for r in batch]
-        copies = CopyCheck(template.examples, params.copy_prefix_words)
         try:
             llm.generate_json([r.prompt for r in batch], GeneratedQuery, decodings, params.max_new_tokens,
                               retry=check, stop=lambda i, text: copies.copying_so_far(text))
@@ -321,6 +321,7 @@ def _checker(
     batch: list[Request],
     params: GenerateParams,
     template: PromptTemplate,
+    copies: CopyCheck,
     finished: dict[str, dict[str, Any]],
     failures: list[dict[str, Any]],
     counts: Counter,
@@ -328,7 +329,6 @@ def _checker(
     """The `retry` callback of `generate_json` for `batch`: validate row i's attempt; keep it in
     `finished` (or `failures`, when out of retries), or return the Decoding of its next attempt."""
     attempts = [0] * len(batch)
-    copies = CopyCheck(template.examples, params.copy_prefix_words)
 
     def check(i: int, out: Any) -> Decoding | None:
         r, attempt = batch[i], attempts[i]
