@@ -28,25 +28,39 @@ in_scope as (
            and (settings.range_max is null or eligible.fused_rank <= settings.range_max))
 ),
 
+-- Each query's first num_negatives candidates in the strategy's order: one bounded top-n per query
+-- (min_by with n), not a window numbering every candidate, whose per-query sort on a key ending in the
+-- passage id string took most of this model's time (bench data, 936k candidates: 0.21 -> 0.12 s, same
+-- rows). The key is a struct, compared field by field: the strategy's order, then the passage id for
+-- ties. One field type serves all three orders: lowest counts down from 2^62 (far above any fused
+-- rank), random is md5's 128-bit number, range the fused rank itself.
 picked as (
     select
-        *,
-        row_number() over (
-            partition by query_id
-            order by
-                -- lowest: Gecko's p_N, the bottom of the fused ranking
-                case when strategy = 'lowest' then -fused_rank end,
-                -- random: a draw fixed by base.seed; md5 (unlike hash()) is the same in every DuckDB version
-                case when strategy = 'random' then md5_number(concat_ws('|', seed, query_id, passage_id)) end,
-                -- range: the hardest candidates left inside the window
-                case when strategy = 'range' then fused_rank end,
-                passage_id
-        ) as negative_rank
+        query_id,
+        min_by(
+            passage_id,
+            {
+                strategy_key: case strategy
+                    when 'lowest' then (4611686018427387904 - fused_rank)::uhugeint
+                    when 'random' then md5_number(concat_ws('|', seed, query_id, passage_id))
+                    else fused_rank::uhugeint
+                end,
+                passage_id: passage_id
+            },
+            num_negatives
+        ) as picks
     from in_scope
+    group by query_id
 ),
 
 chosen as (
-    select query_id, passage_id, negative_rank, strategy from picked where negative_rank <= num_negatives
+    select
+        picked.query_id,
+        unnest(picked.picks) as passage_id,
+        unnest(range(1, len(picked.picks) + 1)) as negative_rank,
+        settings.strategy
+    from picked
+    cross join settings
 ),
 
 final as (

@@ -10,8 +10,10 @@ seeds as (
     select query_id, seed_id from query_filters where kept
 ),
 
+-- The only rows of fused_ranks a positive can come from: each query's p1 and its seed. Filtered once
+-- here, so the joins below probe about two rows per query instead of the whole top N.
 fused as (
-    select * from fused_ranks
+    select * from fused_ranks where fused_rank = 1 or is_seed
 ),
 
 fused_top as (
