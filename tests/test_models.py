@@ -11,7 +11,14 @@ from click.testing import CliRunner
 from pipeline import warehouse as wh
 from pipeline.cli import main
 from pipeline.warehouse.dag import DAG, CycleError
-from pipeline.warehouse.models import ModelError, build_models, find_dependencies, load_models
+from pipeline.warehouse.models import (
+    ModelError,
+    build_into,
+    build_models,
+    find_dependencies,
+    load_models,
+    load_schema,
+)
 
 
 # ---------------------------------------------------------------- helpers (sqlmesh-style units)
@@ -412,3 +419,29 @@ def test_cli_build_uses_params_and_reports_errors(testable, tmp_path):
     write_models(sql_dir, {"seeded": "-- broken\nselect * from nowhere\n"})
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "unknown table 'nowhere'" in result.output
+
+
+def test_build_into_an_in_memory_connection_matches_the_stage_file(testable):
+    """bench/triples.py times the SQL without the write through build_into: same rows, same tests."""
+    sql_dir, warehouse = testable
+    write_models(sql_dir, QUERIES_MODEL, schema=schema_for("      - name: query_id\n        tests: [unique, not_null]"))
+    build_models(sql_dir, warehouse=warehouse)
+    models = load_models(sql_dir)
+    con = duckdb.connect(":memory:")
+    try:
+        wh.attach_stages(con, {"queries": wh.stage_path("queries", warehouse)})
+        built, passed = build_into(con, sql_dir, models, load_schema(sql_dir, models), {})
+        assert [(m.name, m.rows) for m in built] == [("q", 3)] and passed == 2
+        assert con.execute("SELECT * FROM q ORDER BY ALL").fetchall() == rows(warehouse, "q")
+    finally:
+        con.close()
+    # A failing data test fails build_into as it fails build_models.
+    write_models(sql_dir, QUERIES_MODEL, schema=schema_for(FAILING["not_null"][0]))
+    models = load_models(sql_dir)
+    con = duckdb.connect(":memory:")
+    try:
+        wh.attach_stages(con, {"queries": wh.stage_path("queries", warehouse)})
+        with pytest.raises(ModelError, match="FAIL not_null on q.score"):
+            build_into(con, sql_dir, models, load_schema(sql_dir, models), {})
+    finally:
+        con.close()

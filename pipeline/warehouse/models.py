@@ -367,12 +367,31 @@ def build_models(
     if stage in upstream:
         raise ModelError(f"stage {stage!r} cannot read its own file as upstream")
     with write_stage(stage, upstream, warehouse) as con:
-        _check_references(con, models, schemas, Path(sql_dir) / SCHEMA_FILE)
-        _set_variables(con, variables)
-        built = [_build_one(con, model) for model in models]
-        _check_columns(con, schemas, Path(sql_dir) / SCHEMA_FILE)
-        passed = _run_tests(con, [t for s in schemas for t in s.tests], Path(sql_dir) / SCHEMA_FILE)
+        built, passed = build_into(con, sql_dir, models, schemas, variables)
     return BuildResult(stage_path(stage, warehouse), built, passed, time.perf_counter() - started)
+
+
+def build_into(
+    con: duckdb.DuckDBPyConnection,
+    sql_dir: str | Path,
+    models: list[Model],
+    schemas: list[ModelSchema],
+    variables: dict[str, Any],
+) -> tuple[list[BuiltModel], int]:
+    """Build `models` as tables of `con` and run their data tests; returns (built models, tests passed).
+
+    `con` already exposes the upstream tables (write_stage does that for a stage file; bench/triples.py
+    passes an in-memory connection to time the SQL without the write to disk).
+
+    Raises:
+        ModelError: as build_models.
+    """
+    schema_path = Path(sql_dir) / SCHEMA_FILE
+    _check_references(con, models, schemas, schema_path)
+    _set_variables(con, variables)
+    built = [_build_one(con, model) for model in models]
+    _check_columns(con, schemas, schema_path)
+    return built, _run_tests(con, [t for s in schemas for t in s.tests], schema_path)
 
 
 def _check_variables(models: list[Model], variables: dict[str, Any]) -> None:
