@@ -361,7 +361,6 @@ def build_models(
     models = load_models(sql_dir)
     schemas = load_schema(sql_dir, models)
     variables = dict(variables or {})
-    _check_variables(models, variables)
     if upstream is None:
         upstream = [s for s in stage_files(warehouse) if s != stage]
     if stage in upstream:
@@ -380,13 +379,14 @@ def build_into(
 ) -> tuple[list[BuiltModel], int]:
     """Build `models` as tables of `con` and run their data tests; returns (built models, tests passed).
 
-    `con` already exposes the upstream tables (write_stage does that for a stage file; bench/triples.py
+    Every getvariable() name must be in `variables` (checked first). `con` already exposes the upstream tables (write_stage does that for a stage file; bench/triples.py
     passes an in-memory connection to time the SQL without the write to disk).
 
     Raises:
         ModelError: as build_models.
     """
     schema_path = Path(sql_dir) / SCHEMA_FILE
+    _check_variables(models, variables)
     _check_references(con, models, schemas, schema_path)
     _set_variables(con, variables)
     built = [_build_one(con, model) for model in models]
