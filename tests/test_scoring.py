@@ -269,6 +269,31 @@ def test_resume_after_crash_redoes_no_finished_prompt(tiny_llm, template, tmp_pa
     assert again.scores.to_pylist() == expected.to_pylist()
 
 
+@pytest.mark.parametrize("min_shared", [3, 100], ids=["per-passage", "pooled"])
+def test_a_grown_run_scores_only_its_new_prompts(tiny_llm, template, tmp_path, min_shared):
+    """More queries later (a larger generate.limit): stored prompts never run again, even when they
+    sort into the same batch as new ones, and the new prompts score as the plain computation."""
+    params = PARAMS.model_copy(update={"min_shared_prompts": min_shared})
+    pairs = make_pairs()
+    first_queries = pa.array([q != "q3" for q in pairs["query_id"].to_pylist()])
+    with LLMCache(tmp_path / "llm.duckdb") as cache:
+        before = score_relevance(pairs.filter(first_queries), tiny_llm, params, cache, template, progress=False)
+        scorer = PrefixScorer(tiny_llm, template.yes_words, template.no_words)
+        grown = score_relevance(pairs, tiny_llm, params, cache, template, progress=False, scorer=scorer)
+    new_prompts = 2 * sum(1 for q, _, _ in PAIRS if q == "q3")  # QL and RC of q3's three pairs
+    assert grown.stats["cached"] == 2 * len(PAIRS) - new_prompts
+    assert scorer.forward_rows == grown.stats["computed"] == new_prompts
+    stored = {(r["query_id"], r["passage_id"]): r for r in before.scores.to_pylist()}
+    for row in grown.scores.to_pylist():
+        key = (row["query_id"], row["passage_id"])
+        if key in stored:  # what was stored is read back as it was
+            assert (row["ql_sum"], row["rc_logodds"]) == (stored[key]["ql_sum"], stored[key]["rc_logodds"])
+            continue
+        ql_sum, ql_mean, rc = reference_scores(tiny_llm, template, *PASSAGES[row["passage_id"]], QUERIES["q3"])
+        assert row["ql_sum"] == pytest.approx(ql_sum, abs=1e-4) and row["ql_mean"] == pytest.approx(ql_mean, abs=1e-4)
+        assert row["rc_logodds"] == pytest.approx(rc, abs=1e-4)
+
+
 def test_editing_the_rc_prompt_keeps_ql_cached(tiny_llm, template, tmp_path):
     edited = tmp_path / "score.jinja"
     edited.write_text(template.source.replace("Answer yes or no.", "Reply yes or no."))

@@ -182,12 +182,13 @@ def score_relevance(
     done = {k: e.value for k, e in cache.get_many(r.key for r in requests).items()}
     unique = list({r.key: r for r in requests}.values())  # a prompt twice: scored once
     todo = [r for r in unique if r.key not in done]
-    # Whole groups (cached prompts included) are tokenized and cut into batches, exactly as in an
-    # uninterrupted run; batches already cached are skipped. A resumed run thus computes each missing
-    # prompt in the same batch, beside the same prompts, as a run that never stopped, and so gets the
-    # same floats (padding and prefix length change the rounding). Batches hold one method each, so
-    # a method's batches are the same whether or not the other method is computed; only the shared
-    # prefix can grow without it, which changes nothing but rounding.
+    # Whole groups (cached prompts included) are tokenized, so each group's shared prefix is the same
+    # in every run over these pairs; only the missing prompts are cut into batches, in a fixed order.
+    # A resumed run thus computes each missing prompt in the same batch, beside the same prompts, as
+    # a run that never stopped from the same cache, and so gets the same floats (padding and prefix
+    # length change the rounding). Batches hold one method each, so a method's batches are the same
+    # whether or not the other method is computed; only the shared prefix can grow without it, which
+    # changes nothing but rounding.
     groups = _work_units(scorer, unique, todo, params.min_shared_prompts)
     per_pair = len(params.methods)  # prompts per pair
     bar = _progress_bar(len(todo), progress)
@@ -230,11 +231,12 @@ def _work_units(
     A scorer that shares prompt prefixes (in-process) gets, in passage id order, each passage with
     at least `min_shared` prompts as one group (its passage prefix then runs once), and last all
     the passages with fewer as one pooled group, scored whole in batches across passages (the
-    `score.min_shared_prompts` param). Groups hold cached prompts too, and the pool holds every
-    small passage of the run, missing prompts or not: a resumed run thus cuts the same batches
-    as an uninterrupted one (see above). A scorer without that sharing (a server,
-    `shares_prefixes = False`) gets every missing prompt at once, so that `llm.concurrency`
-    requests can be in flight whatever the number of prompts per passage."""
+    `score.min_shared_prompts` param). Groups hold cached prompts too (they are not run), and the
+    pool holds every small passage of the run, missing prompts or not: a resumed run thus runs the
+    same shared prefix as an uninterrupted one (a pool left with one passage would share its whole
+    text; see above). A scorer without that sharing (a server, `shares_prefixes = False`) gets
+    every missing prompt at once, so that `llm.concurrency` requests can be in flight whatever the
+    number of prompts per passage."""
     if not todo:
         return []
     if not getattr(scorer, "shares_prefixes", True):

@@ -553,24 +553,28 @@ class PrefixScorer:
         after their common system turn); yields {cache key: value} per forward batch.
 
         The rows' common token prefix (stopping before the first position any row reads logits
-        from) runs once; each batch runs only the rows' tails on a copy of its KV cache. A batch
-        whose keys are all in `skip` is not run; in a batch that is run, only keys not in `skip`
-        are yielded (what is already stored stays as stored).
+        from) runs once; each batch runs only the rows' tails on a copy of its KV cache. Rows whose
+        keys are in `skip` (already stored) are never run: the batches are cut from the others.
         """
+        # Only the rows left to score are batched. The prefix still comes from all `rows`, and the
+        # batches are cut in a fixed order, so a run resumed after a crash (which stores whole
+        # batches, in order) cuts its remaining rows into exactly the batches the uninterrupted run
+        # would have run next: the same floats. A run that grows (more queries, a larger top N) does
+        # not re-run the stored prompts that sort into a batch with new ones (in the pool of small
+        # passages, nearly every batch holds a new prompt).
         # One method per batch (an edited QL or RC prompt then leaves the other method's batches
         # cached whole), similar lengths together (less padding).
         batches = []
-        for method in sorted({r.request.method for r in rows}):
-            ordered = sorted((r for r in rows if r.request.method == method), key=lambda r: (len(r.ids), r.request.key))
+        todo = [r for r in rows if r.request.key not in skip]
+        for method in sorted({r.request.method for r in todo}):
+            ordered = sorted((r for r in todo if r.request.method == method), key=lambda r: (len(r.ids), r.request.key))
             batches += [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
-        batches = [b for b in batches if any(r.request.key not in skip for r in b)]
         if not batches:
             return
         prefix = _common_prefix([r.ids for r in rows])[: min(r.first_logit for r in rows)]
         base_cache = self._run_prefix(prefix) if prefix else None
         for batch in batches:
-            values = self._score_batch(batch, len(prefix), base_cache)
-            yield {k: v for k, v in values.items() if k not in skip}
+            yield self._score_batch(batch, len(prefix), base_cache)
 
     def _run_prefix(self, prefix: list[int]) -> Any:
         import torch
