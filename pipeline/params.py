@@ -308,6 +308,22 @@ class EvalSetParams(Section):
     task: str = Field(min_length=1)
 
 
+class RetrievalSetParams(EvalSetParams):
+    """A BEIR folder scored by nDCG@10 on the queries judged in `qrels/<split>.tsv`."""
+
+    # > 0: only the queries whose text hash falls in this share are scored: the dev set cut out of a
+    # split that a `train.mix` retrieval source with the same holdout trains on (the rest of it).
+    holdout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_plain_set(cls, data: Any) -> Any:
+        # A plain EvalSetParams built in code (as before holdout existed) is a retrieval set without one.
+        if isinstance(data, EvalSetParams) and not isinstance(data, cls):
+            return data.model_dump()
+        return data
+
+
 class ClassificationSetParams(EvalSetParams):
     """A labelled set (TSV, header `text label`): `<path>/<split>.tsv` is scored, `<path>/train.tsv`
     is the pool the logistic regression's training sample is drawn from (MTEB's protocol)."""
@@ -363,8 +379,8 @@ class EvalParams(Section):
     """The evaluate stage: mteb on local eval sets, the base encoder and the trained one."""
 
     # Set name -> set; names become the task keys in metrics/eval.json.
-    retrieval: dict[str, EvalSetParams] = {
-        "scifact_sample": EvalSetParams(
+    retrieval: dict[str, RetrievalSetParams] = {
+        "scifact_sample": RetrievalSetParams(
             path=Path("data/sample"),
             task="Given a scientific claim, retrieve documents that support or refute the claim",
         )
@@ -421,11 +437,16 @@ class MixParams(Section):
     kind `classification`: a TSV with header `text label` (Banking77's layout); each text is a query,
     another text of its label the positive, a text of another label the hard negative (seeded).
     Both are read unquoted.
+    kind `retrieval`: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); each judged
+    query with `task` is a query, each document judged relevant (score > 0) a positive formatted as
+    a passage; no hard negative (the batch's other passages are the negatives).
     """
 
     path: Path
-    kind: Literal["pairs", "classification"] = "pairs"
+    kind: Literal["pairs", "classification", "retrieval"] = "pairs"
     min_score: float = 4.0  # pairs: pairs scoring at least this are positives (STSB scores run 0 to 5)
+    # retrieval: the qrels file read (qrels/<split>.tsv); never a test split.
+    split: str = "train"
     # Share of all training examples drawn from this source (a pair gives both directions); with
     # several sources the shares add up and must stay below 1.
     fraction: float = Field(0.1, gt=0, lt=1)
@@ -436,31 +457,41 @@ class MixParams(Section):
     # true: both sides raw texts, no task and no template (overrides `symmetric`): what evaluate reads
     # for a category that `eval.prefixes` scores raw (by default every category).
     raw: bool = False
-    # classification: leave out the texts whose content hash falls in this share: the dev set of an
-    # eval.classification set with split: train and the same holdout (never the test split).
+    # classification, retrieval: leave out the texts (queries) whose content hash falls in this share:
+    # the dev set of an eval set on the same file or split with the same holdout (never the test split).
     holdout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _options_of_kind(self) -> "MixParams":
+    def _options_of_kind(self, info: ValidationInfo) -> "MixParams":
+        given = self.model_fields_set
         if self.kind == "pairs" and self.holdout > 0:
-            raise ValueError("holdout applies to kind: classification only")
-        if self.kind == "classification" and "min_score" in self.model_fields_set:
-            raise ValueError("min_score applies to kind: pairs only (classification texts carry labels, not scores)")
+            raise ValueError("holdout applies to kind: classification or retrieval only")
+        if self.kind != "pairs" and "min_score" in given:
+            raise ValueError("min_score applies to kind: pairs only (labels and relevance judgments are not similarity scores)")
+        if self.kind != "retrieval" and "split" in given:
+            raise ValueError("split applies to kind: retrieval only (the other kinds read the file at path)")
+        if self.kind == "retrieval":
+            self._check_retrieval(given)
+        full = _under_root(self.path, info)
+        if full is not None:
+            needed = full / "qrels" / f"{self.split}.tsv" if self.kind == "retrieval" else full
+            if not needed.is_file():
+                raise ValueError(f"mix file not found: {needed}")
         return self
 
-    @field_validator("path")
-    @classmethod
-    def _path_exists(cls, value: Path, info: ValidationInfo) -> Path:
-        full = _under_root(value, info)
-        if full is not None and not full.is_file():
-            raise ValueError(f"mix file not found: {full}")
-        return value
+    def _check_retrieval(self, given: set[str]) -> None:
+        if "task" not in given:
+            raise ValueError("kind: retrieval needs task: the query-side instruction its set is evaluated with")
+        if "symmetric" in given:
+            raise ValueError("symmetric applies to kinds pairs and classification (retrieval positives are passages)")
+        if self.split.lower().startswith("test"):
+            raise ValueError(f"split {self.split!r}: training on a test split's queries would void its scores")
 
 
 class DevParams(Section):
     """Dev sets for model selection while training (`train.eval_every`): never a test split."""
 
-    retrieval: dict[str, EvalSetParams] = {}  # name -> BEIR folder; scored by nDCG@10
+    retrieval: dict[str, RetrievalSetParams] = {}  # name -> BEIR folder; scored by nDCG@10
     sts: dict[str, EvalSetParams] = {}  # name -> folder holding <split>.tsv; scored by cosine Spearman
 
     @model_validator(mode="after")

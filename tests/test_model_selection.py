@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fixtures_encoder import SENTENCES, tiny_bert_dir, tiny_encoder  # noqa: F401  (session fixtures)
-from pipeline.params import DevParams, EvalSetParams
+from pipeline.params import DevParams, EvalSetParams, RetrievalSetParams
 from pipeline.retrieval.encoder import TextFormat
 from pipeline.training.model_selection import DevScorer, ModelSelector, cosine_spearman, mean_ndcg, ndcg, ranked
 
@@ -85,6 +85,23 @@ def test_dev_scorer_matches_mteb_in_the_gecko_format(tiny_encoder, tmp_path):  #
     theirs = run_tasks(MtebEncoder(tiny_encoder, "tiny", TextFormat()), tasks)
     assert ours["tiny"] == pytest.approx(theirs["tiny"]["ndcg_at_10"], abs=1e-5)
     assert ours["tiny_sts"] == pytest.approx(theirs["tiny_sts"]["cosine_spearman"], abs=1e-5)
+
+
+def test_dev_scorer_scores_only_the_held_out_queries_as_mteb_does(tiny_encoder, tmp_path):  # noqa: F811
+    """A retrieval dev set with a holdout: the queries a train.mix retrieval source leaves out, and
+    the same subset (and nDCG) as the evaluate stage's retrieval task with that holdout."""
+    from pipeline.evaluation.mteb_eval import MtebEncoder, held_out, retrieval_task, run_tasks
+
+    dev = write_dev_sets(tmp_path)
+    holdout = 0.8  # holds out two of the four queries (text hashes 0.70 and 0.78 of 2^64)
+    cut = DevParams(retrieval={"tiny": RetrievalSetParams(path=tmp_path / "beir", split="dev", task=TASK, holdout=holdout)})
+    scorer = DevScorer.from_params(cut, TextFormat(), tmp_path)
+    everything = DevScorer.from_params(dev, TextFormat(), tmp_path).retrieval["tiny"]
+    kept = [q for q, text in zip(everything.query_ids, everything.queries) if held_out(text.split("query: ")[1], holdout)]
+    assert 0 < len(kept) < len(everything.query_ids) and scorer.retrieval["tiny"].query_ids == kept
+    task = retrieval_task("tiny", tmp_path / "beir", "dev", TASK, holdout=holdout)
+    theirs = run_tasks(MtebEncoder(tiny_encoder, "tiny", TextFormat()), [task])
+    assert scorer(tiny_encoder)["tiny"] == pytest.approx(theirs["tiny"]["ndcg_at_10"], abs=1e-5)
 
 
 def test_dev_scorer_formats_queries_with_the_task_and_documents_as_passages(tmp_path):

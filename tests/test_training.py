@@ -24,6 +24,7 @@ from pipeline.training.loop import (
     read_labelled_examples,
     read_mix_source,
     read_pairs,
+    read_retrieval_examples,
     read_triples,
     steps_per_epoch,
     train,
@@ -232,6 +233,63 @@ def test_mix_holdout_leaves_out_exactly_the_dev_set(tmp_path):
     seen = {t for e in trained for t in (e.query_text, e.positive_text, e.negative_text)}
     assert dev_texts and not seen & dev_texts  # disjoint
     assert seen | dev_texts == {t for t, _ in rows}  # and together the whole file
+
+
+def write_judged(folder: Path) -> Path:
+    """A BEIR folder: q1 cites d1 and d2, q2 cites d1 (d3 judged 0), q3 has only a 0 judgment."""
+    (folder / "qrels").mkdir(parents=True)
+    docs = [("d1", "Glaciers", "ice moves slowly"), ("d2", "", "rivers carry sand"), ("d3", "Foxes", "foxes hunt")]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n" for i, t, x in docs))
+    queries = [("q1", "how do glaciers and rivers move?"), ("q2", "what moves ice?"), ("q3", "do foxes swim?")]
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": x}) + "\n" for i, x in queries))
+    judged = "q1\td1\t1\nq1\td2\t2\nq2\td1\t1\nq2\td3\t0\nq3\td3\t0\n"
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + judged)
+    return folder
+
+
+def test_read_retrieval_examples_one_per_relevant_document(tmp_path):
+    examples = read_retrieval_examples(write_judged(tmp_path / "beir"), "train", "Find", TextFormat())
+    assert [(e.query_text, e.positive_text) for e in examples] == [
+        ("how do glaciers and rivers move?", "ice moves slowly"),
+        ("how do glaciers and rivers move?", "rivers carry sand"),
+        ("what moves ice?", "ice moves slowly"),
+    ]  # score-0 judgments are not positives
+    assert examples[0].query == "task: Find | query: how do glaciers and rivers move?"
+    assert [e.positive for e in examples[:2]] == ["title: Glaciers | text: ice moves slowly", "title: none | text: rivers carry sand"]
+    # The same abstract cited by two queries has one masking id: never a false in-batch negative.
+    assert examples[0].positive_id == examples[2].positive_id != examples[1].positive_id
+    assert all(e.negative is None and e.negative_id is None for e in examples)
+
+
+def test_read_mix_source_retrieval(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the stage runs from the params file's folder
+    write_judged(tmp_path / "beir")
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  mix:\n    - {path: beir, kind: retrieval, task: Find, fraction: 0.2}\n"
+        "eval:\n  retrieval:\n    dev: {path: beir, split: train, holdout: 0.5, task: Find}\n"
+    )
+    params = load_params(tmp_path / "params.yaml")
+    source = params.train.mix[0]
+    assert (source.kind, source.split, source.holdout) == ("retrieval", "train", 0.0)
+    assert (params.eval.retrieval["dev"].split, params.eval.retrieval["dev"].holdout) == ("train", 0.5)
+    assert len(read_mix_source(source, TextFormat(), 0)) == 3
+    raw = read_mix_source(source.model_copy(update={"raw": True}), TextFormat(), 0)
+    assert (raw[0].query, raw[0].positive) == ("how do glaciers and rivers move?", "Glaciers ice moves slowly")
+
+
+def test_retrieval_mix_holdout_leaves_out_exactly_the_dev_set():
+    """The mix trains on the queries the eval set with the same split and holdout does not score."""
+    from pipeline.evaluation.mteb_eval import read_beir
+
+    sample = Path(__file__).resolve().parent.parent / "data" / "sample"
+    trained = read_retrieval_examples(sample, "train", "Find", TextFormat(), holdout=0.3)
+    dev, whole = read_beir(sample, "train", holdout=0.3), read_beir(sample, "train")
+    seen, held = {e.query_text for e in trained}, {q["text"] for q in dev.queries}
+    assert seen and held and not seen & held  # disjoint
+    assert seen | held == {q["text"] for q in whole.queries}  # and together the whole split
+    assert set(dev.qrels) == {q["id"] for q in dev.queries}
+    relevant = sum(s > 0 for q in whole.queries if q["text"] in seen for s in whole.qrels[q["id"]].values())
+    assert len(trained) == relevant
 
 
 def test_read_mix_source_by_kind(tmp_path, monkeypatch):
@@ -611,6 +669,11 @@ def test_stage_with_distillation_and_selection(tiny_bert_dir, tmp_path, monkeypa
         ("train:\n  mix:\n    - {path: params.yaml, fraction: 0.5}\n    - {path: params.yaml, fraction: 0.5}\n", "add up to 1"),
         ("train:\n  mix: [params.yaml]\n", "a mapping .one source., a list of mappings, or null"),
         ("train:\n  mix:\n    path: params.yaml\n    holdout: 0.2\n", "holdout applies to kind: classification"),
+        ("train:\n  mix:\n    path: .\n    kind: retrieval\n", "kind: retrieval needs task"),
+        ("train:\n  mix:\n    path: .\n    kind: retrieval\n    task: t\n", r"mix file not found: .*qrels/train\.tsv"),
+        ("train:\n  mix:\n    path: .\n    kind: retrieval\n    task: t\n    split: test\n", "test split"),
+        ("train:\n  mix:\n    path: .\n    kind: retrieval\n    task: t\n    symmetric: false\n", "symmetric applies"),
+        ("train:\n  mix:\n    path: params.yaml\n    split: dev\n", "split applies to kind: retrieval only"),
         ("train:\n  mix:\n    path: params.yaml\n    kind: classification\n    min_score: 3\n", "min_score applies to kind: pairs"),
         ("train:\n  mix:\n    path: params.yaml\n    kind: labels\n", r"params\.yaml:4: train\.mix\.kind"),
         ("train:\n  learning_rate: 1e-4\n", "unknown key"),

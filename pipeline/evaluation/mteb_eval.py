@@ -138,12 +138,13 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def read_beir(folder: Path, split: str) -> RetrievalSet:
+def read_beir(folder: Path, split: str, holdout: float = 0.0) -> RetrievalSet:
     """Read a BEIR folder's corpus, queries and `qrels/<split>.tsv`.
 
     Queries without a judgment in the split are dropped (BEIR ships all splits' queries in one
     file); a judged query or document that the files lack is an error, since silently dropping it
-    would change the score.
+    would change the score. With `holdout` > 0 only the held-out queries are kept (`split_queries`):
+    the dev set of a `train.mix` retrieval source that trains on the rest.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -165,7 +166,24 @@ def read_beir(folder: Path, split: str) -> RetrievalSet:
     missing_docs = sorted({d for judged in qrels.values() for d in judged} - doc_ids)
     if missing_docs:
         raise EvalDataError(f"{qrels_path}: corpus ids not in {corpus_path}: {missing_docs[:5]}")
-    return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels)
+    data = RetrievalSet(corpus=corpus, queries=queries, qrels=qrels)
+    if holdout <= 0:
+        return data
+    dev = split_queries(data, holdout, held=True)
+    if not dev.queries:
+        raise EvalDataError(f"{qrels_path}: holdout {holdout:g} leaves no query to score")
+    return dev
+
+
+def split_queries(data: RetrievalSet, holdout: float, held: bool) -> RetrievalSet:
+    """The queries on one side of a `holdout` cut (`held`: the held-out share), with their judgments.
+
+    The cut is `held_out` on the query text, so a `train.mix` retrieval source (held=False) and the
+    eval or dev set with the same holdout (held=True) are disjoint and together the whole split.
+    """
+    queries = [q for q in data.queries if held_out(q["text"], holdout) == held]
+    kept = {q["id"] for q in queries}
+    return RetrievalSet(corpus=data.corpus, queries=queries, qrels={q: d for q, d in data.qrels.items() if q in kept})
 
 
 def read_sts(path: Path) -> STSSet:
@@ -275,15 +293,19 @@ def _metadata(name: str, kind: str, path: Path, split: str, task: str, descripti
     )
 
 
-def retrieval_task(name: str, folder: Path, split: str = "test", task: str = "") -> Any:
-    """An mteb `AbsTaskRetrieval` over a local BEIR folder (parsed now, errors name file and line)."""
+def retrieval_task(name: str, folder: Path, split: str = "test", task: str = "", holdout: float = 0.0) -> Any:
+    """An mteb `AbsTaskRetrieval` over a local BEIR folder (parsed now, errors name file and line).
+
+    With `holdout` > 0 only the split's held-out queries are scored (`read_beir`).
+    """
     from datasets import Dataset
     from mteb.abstasks.retrieval import AbsTaskRetrieval
 
-    data = read_beir(Path(folder), split)
+    data = read_beir(Path(folder), split, holdout)
+    source = f"BEIR folder {folder}, split {split}" + (f", held-out queries ({holdout:g})" if holdout > 0 else "")
 
     class LocalRetrieval(AbsTaskRetrieval):
-        metadata = _metadata(name, "retrieval", Path(folder), split, task, f"BEIR folder {folder}, split {split}")
+        metadata = _metadata(name, "retrieval", Path(folder), split, task, source)
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
             # mteb unloads data after each model; rebuilding the Datasets from memory is cheap.
@@ -546,7 +568,7 @@ def build_tasks(eval_params: Any, root: Path) -> list[Any]:
         return path if path.is_absolute() else root / path
 
     ev = eval_params
-    tasks = [retrieval_task(name, full(s.path), s.split, s.task) for name, s in ev.retrieval.items()]
+    tasks = [retrieval_task(name, full(s.path), s.split, s.task, s.holdout) for name, s in ev.retrieval.items()]
     tasks += [sts_task(name, full(s.path), s.split, s.task) for name, s in ev.sts.items()]
     tasks += [
         classification_task(

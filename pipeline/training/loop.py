@@ -249,6 +249,53 @@ def read_labelled_examples(
     return out
 
 
+def read_retrieval_examples(
+    folder: str | Path, split: str, task: str, text_format, holdout: float = 0.0
+) -> list[Example]:
+    """A BEIR folder's judged queries as examples: (query with `task`, a relevant document) each.
+
+    One example per document judged relevant (score > 0), formatted as a passage; no hard negative,
+    so the other passages of the batch are the negatives. The masking id is the document's content
+    hash: two queries citing the same abstract never push each other's positive away.
+
+    Args:
+        holdout: queries whose text hash falls in this share are left out: the dev set that
+            `eval.retrieval` (or `train.dev.retrieval`) scores with the same split and holdout.
+
+    Raises:
+        pipeline.evaluation.mteb_eval.EvalDataError (a ValueError): missing or malformed files (file
+            and line named), or no relevant judgment left to train on.
+    """
+    from pipeline.evaluation.mteb_eval import EvalDataError, read_beir, split_queries
+
+    data = read_beir(Path(folder), split)
+    if holdout > 0:
+        data = split_queries(data, holdout, held=False)
+    docs = {d["id"]: d for d in data.corpus}
+    out = []
+    for query in data.queries:
+        for doc_id, score in sorted(data.qrels[query["id"]].items()):
+            if score <= 0:
+                continue
+            doc = docs[doc_id]
+            digest = hashlib.sha1(f"{doc['title']}\t{doc['text']}".encode()).hexdigest()[:16]
+            out.append(
+                Example(
+                    query=text_format.query(task, query["text"]),
+                    positive=text_format.passage(doc["title"], doc["text"]),
+                    negative=None,
+                    query_text=query["text"],
+                    positive_text=doc["text"],
+                    negative_text=None,
+                    positive_id="doc:" + digest,
+                    negative_id=None,
+                )
+            )
+    if not out:
+        raise EvalDataError(f"{Path(folder) / 'qrels' / f'{split}.tsv'}: no relevant judgment left to train on (holdout {holdout:g})")
+    return out
+
+
 def read_candidates(path: str | Path, text_format) -> dict[str, list[Candidate]]:
     """Read table `distill_candidates` into each query's candidate list, keyed by the formatted query.
 
@@ -298,6 +345,8 @@ def read_mix_source(source, text_format, seed: int) -> list[Example]:
         text_format = RawFormat()
     if source.kind == "classification":
         return read_labelled_examples(source.path, source.task, text_format, seed, source.symmetric, source.holdout)
+    if source.kind == "retrieval":
+        return read_retrieval_examples(source.path, source.split, source.task, text_format, source.holdout)
     return read_pairs(source.path, source.min_score, source.task, text_format, source.symmetric)
 
 

@@ -151,7 +151,7 @@ class DevScorer:
 
         retrieval, fmt = {}, format_of("retrieval")
         for name, spec in dev_params.retrieval.items():
-            data = read_beir(full(spec.path), spec.split)
+            data = read_beir(full(spec.path), spec.split, spec.holdout)
             retrieval[name] = RetrievalDev(
                 queries=fmt.queries([spec.task] * len(data.queries), [q["text"] for q in data.queries]),
                 query_ids=[q["id"] for q in data.queries],
