@@ -292,7 +292,8 @@ def read_retrieval_examples(
                 )
             )
     if not out:
-        raise EvalDataError(f"{Path(folder) / 'qrels' / f'{split}.tsv'}: no relevant judgment left to train on (holdout {holdout:g})")
+        qrels = Path(folder) / "qrels" / f"{split}.tsv"
+        raise EvalDataError(f"{qrels}: no relevant judgment left to train on (holdout {holdout:g})")
     return out
 
 
