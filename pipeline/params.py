@@ -658,6 +658,33 @@ class LLMParams(Section):
         return value
 
 
+class FewShotParams(Section):
+    """Few-shot examples for the `queries` prompt drawn from a labelled BEIR folder (Promptagator).
+
+    `n` judged queries of `split` (a seeded draw), each shown with its best-judged document and
+    `task`, replace the prompt file's examples of `task_type`: a small model copies its examples'
+    style closely, so a handful of the target's own queries steer it to write queries like them.
+    """
+
+    path: Path  # a BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv
+    split: str = "train"  # never a test split
+    n: int = Field(4, ge=1, le=16)  # examples shown; each adds a passage to every prompt of its type
+    task_type: str = Field(min_length=1)  # the task type these examples stand for (one of generate.task_types)
+    task: str = Field(min_length=1)  # the task description each example answers with
+    # Draw only from the queries outside this held-out share: the dev set of an eval set with the
+    # same split and holdout stays unseen by the LLM too.
+    holdout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _labelled_train_split(self, info: ValidationInfo) -> "FewShotParams":
+        if self.split.lower().startswith("test"):
+            raise ValueError(f"split {self.split!r}: showing test queries to the LLM would void the test scores")
+        full = _under_root(self.path, info)
+        if full is not None and not (full / "qrels" / f"{self.split}.tsv").is_file():
+            raise ValueError(f"few-shot qrels file not found: {full / 'qrels' / f'{self.split}.tsv'}")
+        return self
+
+
 class GenerateParams(Section):
     """Stage `queries`: the LLM writes a task description and a query for each seed passage."""
 
@@ -682,6 +709,9 @@ class GenerateParams(Section):
     # rejected and retried, and its row stops decoding as soon as those words are out. null: only a
     # word-for-word copy is rejected (checked when the row ends).
     copy_prefix_words: int | None = Field(4, ge=1)
+    # Few-shot examples from the user's own labelled queries, replacing the prompt file's examples of
+    # their task type; [] keeps the prompt file's examples only.
+    examples: list[FewShotParams] = []
 
     @field_validator("task_types")
     @classmethod
@@ -691,6 +721,16 @@ class GenerateParams(Section):
         if len(set(value)) != len(value):
             raise ValueError(f"task types must be unique: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _examples_of_known_types(self) -> "GenerateParams":
+        for i, source in enumerate(self.examples):
+            if source.task_type not in self.task_types:
+                raise ValueError(
+                    f"examples[{i}].task_type {source.task_type!r} is not in task_types {self.task_types}: "
+                    "its examples would never be shown"
+                )
+        return self
 
     @model_validator(mode="after")
     def _several_queries_need_sampling(self) -> "GenerateParams":

@@ -10,7 +10,8 @@ Run from the repository root: `python -m python_steps.queries`.
 from __future__ import annotations
 
 from pipeline.llm.cache import LLMCache
-from pipeline.llm.generate import GenerationError, GenerationResult, PromptTemplate, generate_queries
+from pipeline.llm.generate import GenerationError, GenerationResult, PromptTemplate, few_shot_examples, generate_queries
+from pipeline.params import GenerateParams
 from pipeline.warehouse import write_stage, write_table
 from python_steps._llm_stage import LLMStage
 
@@ -20,15 +21,23 @@ STAGE = "queries"
 def main() -> None:
     run = LLMStage(STAGE)
     params = run.params
+    with run.exits_on(ValueError):  # bad few-shot files fail before the LLM loads
+        template = prompt_template(params.generate, params.base.seed)
     llm = run.load_llm()
     with write_stage(STAGE, upstream=["passages"]) as con, LLMCache(params.llm.cache_path) as cache:
         passages = con.sql("SELECT passage_id, title, text FROM passages ORDER BY passage_id").to_arrow_table()
         with run.exits_on(GenerationError):
-            result = generate_queries(passages, llm, params.generate, params.base.seed, cache, PromptTemplate())
+            result = generate_queries(passages, llm, params.generate, params.base.seed, cache, template)
         rows = write_table(con, "queries", result.queries)
         write_table(con, "generation_failures", result.failures)
         write_table(con, "generation_report", result.report)
     print(summary(result, rows, llm.identity, run.load_seconds, run.elapsed()))
+
+
+def prompt_template(params: GenerateParams, seed: int) -> PromptTemplate:
+    """prompts/generate.jinja, with the few-shot examples of `generate.examples` in place of its own."""
+    shots = [e for source in params.examples for e in few_shot_examples(source, seed, params.max_passage_words)]
+    return PromptTemplate().with_examples(shots)
 
 
 def summary(result: GenerationResult, rows: int, llm: str, load_seconds: float, seconds: float) -> str:

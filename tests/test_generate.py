@@ -301,3 +301,113 @@ def test_a_cached_output_that_no_longer_validates_is_recomputed(tiny_llm, tmp_pa
         result = generate_queries(_passages(1), llm, _params(), 42, cache, progress=False)
         assert llm.rows == 1 and result.queries.column("query")[0].as_py() != copied["query"]
         assert cache.get_many([request.key])[request.key].value["query"] != copied["query"]
+
+
+# ------------------------------------------------------------ few-shot examples from labelled queries
+
+CLAIM_TASK = "Given a claim, find evidence for or against it"
+
+
+def _write_labelled(folder):
+    """A BEIR folder: 8 judged claims; c1 cites d1 (1) and d2 (2); c7 has a quote (breaks the schema);
+    c8 only a 0 judgment."""
+    import json
+
+    (folder / "qrels").mkdir(parents=True)
+    docs = {"d1": ("Glaciers", "ice moves slowly " * 40), "d2": ("", "rivers carry sand"), "d3": ("Foxes", "foxes hunt")}
+    rows = [json.dumps({"_id": i, "title": t, "text": x}) for i, (t, x) in docs.items()]
+    (folder / "corpus.jsonl").write_text("\n".join(rows) + "\n")
+    claims = {f"c{i}": f"Claim number {i} about moving ice." for i in range(1, 9)}
+    claims["c7"] = 'A "quoted" claim about foxes.'
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": x}) + "\n" for i, x in claims.items()))
+    judged = ["c1\td1\t1", "c1\td2\t2"] + [f"c{i}\td{1 + i % 3}\t1" for i in range(2, 8)] + ["c8\td3\t0"]
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(judged) + "\n")
+    return folder
+
+
+def _source(folder, **kw):
+    from pipeline.params import FewShotParams
+
+    return FewShotParams(**{"path": folder, "task_type": "fact checking", "task": CLAIM_TASK, **kw})
+
+
+def test_few_shot_examples_are_judged_queries_with_their_best_document(tmp_path):
+    from pipeline.llm.generate import few_shot_examples
+
+    folder = _write_labelled(tmp_path / "beir")
+    shots = few_shot_examples(_source(folder, n=6), seed=42, max_words=5)
+    # c7 breaks the output schema and c8 has no relevant document: the six others, in seeded order.
+    assert sorted(s["query"] for s in shots) == [f"Claim number {i} about moving ice." for i in (1, 2, 3, 4, 5, 6)]
+    by_query = {s["query"]: s for s in shots}
+    c1 = by_query["Claim number 1 about moving ice."]
+    assert (c1["title"], c1["text"]) == ("", "rivers carry sand")  # d2 is judged 2, above d1's 1
+    c3 = by_query["Claim number 3 about moving ice."]  # cites d1, cut to 5 words like the seed passages
+    assert (c3["title"], c3["text"]) == ("Glaciers", "ice moves slowly ice moves ...")
+    assert all((s["task_type"], s["task"]) == ("fact checking", CLAIM_TASK) for s in shots)
+    # Seeded: another seed draws another subset, the same seed the same one.
+    assert few_shot_examples(_source(folder, n=3), 42, 5) == few_shot_examples(_source(folder, n=3), 42, 5)
+    draws = {tuple(s["query"] for s in few_shot_examples(_source(folder, n=3), seed, 5)) for seed in range(6)}
+    assert len(draws) > 1
+
+
+def test_few_shot_examples_skip_the_held_out_queries(tmp_path):
+    from pipeline.evaluation.mteb_eval import held_out
+    from pipeline.llm.generate import few_shot_examples
+
+    folder = _write_labelled(tmp_path / "beir")
+    kept = [f"Claim number {i} about moving ice." for i in range(1, 7)]
+    outside = [q for q in kept if not held_out(q, 0.5)]
+    assert 0 < len(outside) < len(kept)  # the fixture's claims fall on both sides of the cut
+    shots = few_shot_examples(_source(folder, n=len(outside), holdout=0.5), 42, 5)
+    assert sorted(s["query"] for s in shots) == sorted(outside)
+    with pytest.raises(ValueError, match=rf"has {len(outside)} usable queries .* fewer than n={len(outside) + 1}"):
+        few_shot_examples(_source(folder, n=len(outside) + 1, holdout=0.5), 42, 5)
+
+
+def test_few_shot_examples_refuse_a_task_outside_the_schema(tmp_path):
+    from pipeline.llm.generate import few_shot_examples
+
+    folder = _write_labelled(tmp_path / "beir")
+    with pytest.raises(ValueError, match="task 'Find' must be 10-120 characters"):
+        few_shot_examples(_source(folder, task="Find"), 42, 5)
+
+
+def test_prompt_with_examples_replaces_only_their_task_type(tmp_path):
+    from pipeline.llm.generate import PromptTemplate
+
+    base = PromptTemplate()
+    shot = {"task_type": "fact checking", "title": "T", "text": "ice moves slowly", "task": CLAIM_TASK}
+    shot["query"] = "Ice moves."
+    template = base.with_examples([shot])
+    assert [e for e in template.examples if e["task_type"] == "fact checking"] == [shot]
+    assert [e for e in template.examples if e["task_type"] != "fact checking"] == [
+        e for e in base.examples if e["task_type"] != "fact checking"
+    ]
+    assert template.hash != base.hash and base.with_examples([]) is base
+    assert len(base.examples) == 12  # the file's own examples are untouched
+    messages = template.messages("fact checking", "Seed", "seed text")
+    assert len(messages) == 4  # system, the one example's two turns, the seed passage
+    assert "ice moves slowly" in messages[1]["content"] and '"query": "Ice moves."' in messages[2]["content"]
+    assert len(template.messages("search result", "Seed", "seed text")) == 8  # still the file's three
+
+
+def test_few_shot_params_are_checked(tmp_path):
+    from pipeline.params import ParamsError, load_params
+
+    _write_labelled(tmp_path / "beir")
+    ok = "generate:\n  examples:\n    - {path: beir, task_type: fact checking, task: Find evidence}\n"
+    (tmp_path / "params.yaml").write_text(ok)
+    assert load_params(tmp_path / "params.yaml").generate.examples[0].n == 4
+    for text, message in [
+        ("generate:\n  task_types: [search result]\n  examples:\n"
+         "    - {path: beir, task_type: fact checking, task: Find evidence}\n",
+         r"examples\[0\]\.task_type 'fact checking' is not in task_types"),
+        ("generate:\n  examples:\n    - {path: beir, task_type: fact checking, task: Find evidence, split: test}\n",
+         "test queries to the LLM"),
+        ("generate:\n  examples:\n    - {path: nowhere, task_type: fact checking, task: Find evidence}\n",
+         r"few-shot qrels file not found: .*nowhere/qrels/train\.tsv"),
+        ("generate:\n  examples:\n    - {path: beir, task: Find evidence}\n", r"generate\.examples\.0\.task_type"),
+    ]:  # fmt: skip
+        (tmp_path / "params.yaml").write_text(text)
+        with pytest.raises(ParamsError, match=message):
+            load_params(tmp_path / "params.yaml")

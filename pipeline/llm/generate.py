@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.llm.base import Decoding, JsonLLM
 from pipeline.llm.cache import CacheEntry, LLMCache, cache_key
-from pipeline.params import GenerateParams
+from pipeline.params import FewShotParams, GenerateParams
 
 # Found from the code, not the working directory (tests and `fret` may run elsewhere).
 PROMPT_FILE = Path(__file__).resolve().parents[2] / "prompts" / "generate.jinja"
@@ -111,6 +111,22 @@ class PromptTemplate:
         self.examples: list[dict[str, str]] = list(self._module.examples)
         self.hash = hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
+    def with_examples(self, examples: Sequence[dict[str, str]]) -> "PromptTemplate":
+        """A copy whose examples of the given examples' task types are these (`generate.examples`).
+
+        The hash covers them, so `prompt_hash` tells the two prompts apart (the cache keys already
+        do: the examples are in every prompt's text).
+        """
+        if not examples:
+            return self
+        replaced = {e["task_type"] for e in examples}
+        out = object.__new__(PromptTemplate)
+        out.__dict__.update(self.__dict__)
+        out.examples = [e for e in self.examples if e["task_type"] not in replaced] + [dict(e) for e in examples]
+        extra = json.dumps(list(examples), sort_keys=True, ensure_ascii=False)
+        out.hash = hashlib.sha256((self.source + "\0" + extra).encode()).hexdigest()[:16]
+        return out
+
     def messages(self, task_type: str, title: str | None, text: str) -> list[dict[str, str]]:
         """System turn, the few-shot turns for `task_type`, then the seed passage."""
         shots = [e for e in self.examples if e["task_type"] == task_type]
@@ -124,6 +140,59 @@ class PromptTemplate:
             out.append({"role": "assistant", "content": json.dumps(answer.model_dump(), ensure_ascii=False)})
         out.append({"role": "user", "content": str(self._module.user(task_type, title, text))})
         return out
+
+
+def few_shot_examples(source: FewShotParams, seed: int, max_words: int) -> list[dict[str, str]]:
+    """`source.n` judged queries of a BEIR folder as few-shot examples, each with its best-judged document.
+
+    The queries are the `n` with the smallest seeded hash among those outside `source.holdout` whose
+    text fits the output schema (an example breaking it would teach the LLM to break it); the
+    document is the one judged most relevant (ties: the smallest id), its text cut to `max_words`
+    like the seed passages'.
+
+    Raises:
+        ValueError: the folder's files are missing or malformed (file named), the task does not fit
+            the schema, or fewer than `n` queries are usable.
+    """
+    from pipeline.evaluation.mteb_eval import read_beir, split_queries
+
+    folder = source.path  # relative to the working directory, the repository root for the stages
+    try:
+        GeneratedQuery(task=source.task, query="a query that fits")
+    except ValidationError:
+        raise ValueError(
+            f"generate.examples: task {source.task!r} must be 10-120 characters without quotes, backslashes or newlines"
+        ) from None
+    data = read_beir(folder, source.split)
+    if source.holdout > 0:
+        data = split_queries(data, source.holdout, held=False)
+    docs = {d["id"]: d for d in data.corpus}
+    usable = []
+    for q in data.queries:
+        judged = [(score, doc_id) for doc_id, score in data.qrels[q["id"]].items() if score > 0]
+        if judged and _fits_schema(source.task, q["text"]):
+            usable.append((stable_int(seed, "examples", q["id"]), q, min(judged, key=lambda j: (-j[0], j[1]))[1]))
+    if len(usable) < source.n:
+        raise ValueError(
+            f"generate.examples: {folder / 'qrels' / (source.split + '.tsv')} has {len(usable)} usable queries "
+            f"(judged relevant, outside the holdout, 5-160 characters without quotes), fewer than n={source.n}"
+        )
+    out = []
+    for _, q, doc_id in sorted(usable, key=lambda u: u[0])[: source.n]:
+        doc = docs[doc_id]
+        text = clip_words(doc["text"], max_words)
+        out.append(
+            {"task_type": source.task_type, "title": doc["title"], "text": text, "task": source.task, "query": q["text"]}
+        )
+    return out
+
+
+def _fits_schema(task: str, query: str) -> bool:
+    try:
+        GeneratedQuery(task=task, query=query)
+    except ValidationError:
+        return False
+    return True
 
 
 def clip_words(text: str, max_words: int) -> str:
