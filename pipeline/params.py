@@ -722,6 +722,17 @@ class GenerateParams(Section):
             raise ValueError(f"task types must be unique: {value}")
         return value
 
+    @field_validator("examples", mode="before")
+    @classmethod
+    def _examples_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, dict):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ValueError("examples must be a mapping (one source), a list of mappings, or null")
+        return value
+
     @model_validator(mode="after")
     def _examples_of_known_types(self) -> "GenerateParams":
         for i, source in enumerate(self.examples):

@@ -398,6 +398,8 @@ def test_few_shot_params_are_checked(tmp_path):
     ok = "generate:\n  examples:\n    - {path: beir, task_type: fact checking, task: Find evidence}\n"
     (tmp_path / "params.yaml").write_text(ok)
     assert load_params(tmp_path / "params.yaml").generate.examples[0].n == 4
+    (tmp_path / "params.yaml").write_text(ok.replace("    - {", "    {"))  # one source as a mapping
+    assert [s.task for s in load_params(tmp_path / "params.yaml").generate.examples] == ["Find evidence"]
     for text, message in [
         ("generate:\n  task_types: [search result]\n  examples:\n"
          "    - {path: beir, task_type: fact checking, task: Find evidence}\n",
