@@ -38,6 +38,17 @@ def _under_root(path: Path, info: ValidationInfo) -> Path | None:
     return path if path.is_absolute() else Path(root) / path
 
 
+def _sources_as_list(value: Any, key: str) -> Any:
+    """A list of sources written as one mapping, a list of mappings or null (`train.mix`, `generate.examples`)."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{key} must be a mapping (one source), a list of mappings, or null")
+    return value
+
+
 class BaseParams(Section):
     seed: int = 42
     threads: int = Field(2, ge=1, le=512)
@@ -577,13 +588,7 @@ class TrainParams(Section):
     @field_validator("mix", mode="before")
     @classmethod
     def _mix_as_list(cls, value: Any) -> Any:
-        if value is None:
-            return []
-        if isinstance(value, dict):
-            return [value]
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise ValueError("mix must be a mapping (one source), a list of mappings, or null")
-        return value
+        return _sources_as_list(value, "mix")
 
     @field_validator("mix")
     @classmethod
@@ -725,13 +730,7 @@ class GenerateParams(Section):
     @field_validator("examples", mode="before")
     @classmethod
     def _examples_as_list(cls, value: Any) -> Any:
-        if value is None:
-            return []
-        if isinstance(value, dict):
-            return [value]
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise ValueError("examples must be a mapping (one source), a list of mappings, or null")
-        return value
+        return _sources_as_list(value, "examples")
 
     @model_validator(mode="after")
     def _examples_of_known_types(self) -> "GenerateParams":
