@@ -450,7 +450,8 @@ class MixParams(Section):
     Both are read unquoted.
     kind `retrieval`: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); each judged
     query with `task` is a query, each document judged relevant (score > 0) a positive formatted as
-    a passage; no hard negative (the batch's other passages are the negatives).
+    a passage; with `hard_negative`, the starting encoder's best-ranked non-relevant document of the
+    folder's corpus is the query's hard negative (else the batch's other passages are the negatives).
     """
 
     path: Path
@@ -471,6 +472,9 @@ class MixParams(Section):
     # classification, retrieval: leave out the texts (queries) whose content hash falls in this share:
     # the dev set of an eval set on the same file or split with the same holdout (never the test split).
     holdout: float = Field(0.0, ge=0, lt=1)
+    # retrieval: mine each query a hard negative with the starting encoder (encoder.*, as neighbors
+    # mines; its embedding cache serves both): the document it ranks first among the non-relevant.
+    hard_negative: bool = False
 
     @model_validator(mode="after")
     def _options_of_kind(self, info: ValidationInfo) -> "MixParams":
@@ -481,6 +485,8 @@ class MixParams(Section):
             raise ValueError("min_score applies to kind: pairs only (labels and relevance judgments are not similarity scores)")
         if self.kind != "retrieval" and "split" in given:
             raise ValueError("split applies to kind: retrieval only (the other kinds read the file at path)")
+        if self.kind != "retrieval" and self.hard_negative:
+            raise ValueError("hard_negative applies to kind: retrieval only (classification draws its own negatives)")
         if self.kind == "retrieval":
             self._check_retrieval(given)
         full = _under_root(self.path, info)

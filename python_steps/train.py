@@ -76,9 +76,13 @@ def run(params: Params, world: World, started: float) -> None:
     try:
         examples, counts = read_triples(triples, fmt, tp.symmetric_task_types)
         if tp.mix:
-            sources = [(read_mix_source(source, fmt, params.base.seed), source.fraction) for source in tp.mix]
+            with mining_encoder(params) as embed:
+                sources = [(read_mix_source(source, fmt, params.base.seed, embed), source.fraction) for source in tp.mix]
             mixed = mix_sources(examples, sources, params.base.seed)
-            counts = dataclasses.replace(counts, mix_examples=len(mixed) - len(examples))
+            added = mixed[len(examples) :]
+            counts = dataclasses.replace(
+                counts, mix_examples=len(added), mix_with_negative=sum(e.negative is not None for e in added)
+            )
             examples = mixed
         candidates = read_candidates(triples, fmt) if tp.distill_weight > 0 else None
         # Only the rank that saves selects: the others' weights are never written.
@@ -131,6 +135,30 @@ def run(params: Params, world: World, started: float) -> None:
         print(f"  resumed from step {result.resumed_from} (the checkpoint of an interrupted run, in {CHECKPOINT_DIR}/)")
 
 
+@contextlib.contextmanager
+def mining_encoder(params: Params):
+    """Texts -> unit vectors by the starting encoder, loaded as neighbors loads it, when a `train.mix`
+    source mines hard negatives (`hard_negative`); else None. Its embedding cache is the neighbors
+    stage's, so a corpus already mined there is not embedded again.
+    """
+    if not any(source.hard_negative for source in params.train.mix or []):
+        yield None
+        return
+    from pipeline.retrieval.embedding_cache import encode_cached, open_cache
+    from pipeline.retrieval.encoder import Encoder, instruction_format
+
+    enc = params.encoder
+    encoder = Encoder.load(
+        enc.model, device=params.base.device, dtype=enc.dtype, max_length=enc.max_length, threads=params.base.threads
+    ).exclude_instruction(instruction_format(enc))
+    cache = open_cache(enc.cache_path)
+    try:
+        yield lambda texts: encode_cached(encoder, texts, cache, batch_size=enc.batch_size, progress=True, desc="mine")[0]
+    finally:
+        if cache is not None:
+            cache.close()
+
+
 def open_live(params: Params, counts):
     """A dvclive logger that leaves dvc.yaml and experiments to DVC.
 
@@ -161,6 +189,8 @@ def summary(config: dict, encoder, path: str, total_s: float) -> str:
     """One screen: data, steps, throughput, loss, where the model went."""
     data, res = config["data"], config["result"]
     mix = f" + {data['mix_examples']:,} labelled (train.mix) examples" if data["mix_examples"] else ""
+    if data.get("mix_with_negative"):
+        mix += f" ({data['mix_with_negative']:,} with a hard negative)"
     return "\n".join(
         [
             f"{STAGE}: {res['steps']:,} steps, {res['examples']:,} examples in {res['seconds']:.1f} s "

@@ -261,6 +261,59 @@ def test_read_retrieval_examples_one_per_relevant_document(tmp_path):
     assert all(e.negative is None and e.negative_id is None for e in examples)
 
 
+def word_embed(texts):
+    """A toy encoder for mining tests: unit bag-of-words vectors over a fixed vocabulary."""
+    vocab = ["ice", "glaciers", "rivers", "sand", "foxes", "move", "moves", "hunt"]
+    rows = np.array([[float(w in t.lower().replace("?", " ").split()) for w in vocab] for t in texts]) + 1e-3
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_read_retrieval_examples_mines_the_best_ranked_non_relevant_document(tmp_path):
+    folder = write_judged(tmp_path / "beir")
+    # A fourth document that shares q2's words but is not judged: the hard negative q2 should get.
+    with open(folder / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "d4", "title": "", "text": "what moves ice sheets"}) + "\n")
+    calls = []
+
+    def embed(texts):
+        calls.append(len(texts))
+        return word_embed(texts)
+
+    examples = read_retrieval_examples(folder, "train", "Find", TextFormat(), embed=embed)
+    plain = read_retrieval_examples(folder, "train", "Find", TextFormat())
+    assert [(e.query, e.positive, e.positive_id) for e in examples] == [(e.query, e.positive, e.positive_id) for e in plain]
+    assert calls == [2, 4]  # the two queries with a relevant document, then the whole corpus once
+    by_query = {}
+    for e in examples:
+        by_query.setdefault(e.query_text, set()).add((e.negative_text, e.negative))
+    # q1 cites d1 and d2: its best-ranked other document is d3 or d4, never one it cites; one negative per query.
+    (q1_neg,) = by_query["how do glaciers and rivers move?"]
+    assert q1_neg[0] in {"foxes hunt", "what moves ice sheets"}
+    assert by_query["what moves ice?"] == {("what moves ice sheets", "title: none | text: what moves ice sheets")}
+    # A negative cited as another query's positive shares its masking id (masked, not pushed away).
+    ids = {e.positive_text: e.positive_id for e in examples}
+    assert all(e.negative_id not in ids.values() or ids.get(e.negative_text) == e.negative_id for e in examples)
+    assert all(e.negative_id.startswith("doc:") for e in examples)
+
+
+def test_mined_negative_is_never_relevant_even_when_relevant_documents_rank_first(tmp_path):
+    from pipeline.training.loop import mine_hard_negatives
+
+    corpus = [{"id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(5)]
+    queries = [{"id": "q", "text": "q"}]
+    # The encoder ranks d4 > d3 > d2 > d1 > d0; d4 and d3 are relevant: d2 is the negative.
+    scores = {f"doc {i}": i for i in range(5)}
+
+    def embed(texts):
+        return np.array([[1.0, 0.0] if t == "task: t | query: q" else [scores[t.split("text: ")[1]], 1.0] for t in texts],
+                        dtype=np.float32)
+
+    found = mine_hard_negatives(queries, {"q": ["d3", "d4"]}, corpus, "t", TextFormat(), embed)
+    assert found["q"]["id"] == "d2"
+    # Every document relevant: no negative rather than a relevant one.
+    assert mine_hard_negatives(queries, {"q": [d["id"] for d in corpus]}, corpus, "t", TextFormat(), embed) == {}
+
+
 def test_read_mix_source_retrieval(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the stage runs from the params file's folder
     write_judged(tmp_path / "beir")
@@ -275,6 +328,11 @@ def test_read_mix_source_retrieval(tmp_path, monkeypatch):
     assert len(read_mix_source(source, TextFormat(), 0)) == 3
     raw = read_mix_source(source.model_copy(update={"raw": True}), TextFormat(), 0)
     assert (raw[0].query, raw[0].positive) == ("how do glaciers and rivers move?", "Glaciers ice moves slowly")
+    mined = source.model_copy(update={"hard_negative": True})
+    with pytest.raises(ValueError, match="hard_negative needs the encoder"):
+        read_mix_source(mined, TextFormat(), 0)
+    assert all(e.negative is not None for e in read_mix_source(mined, TextFormat(), 0, embed=word_embed))
+    assert all(e.negative is None for e in read_mix_source(source, TextFormat(), 0, embed=word_embed))  # off by default
 
 
 def test_retrieval_mix_holdout_leaves_out_exactly_the_dev_set():
@@ -486,6 +544,17 @@ def test_stage_main_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, capsys):  #
     assert (tmp_path / "dvclive" / "metrics.json").is_file()
 
 
+def test_stage_mines_hard_negatives_for_a_retrieval_mix(tiny_bert_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    write_judged(tmp_path / "beir")
+    mix = "  mix:\n    - {path: beir, kind: retrieval, task: Find, fraction: 0.5, hard_negative: true}\n"
+    run_stage(tmp_path, tiny_bert_dir, 4, "  batch_size: 4\n  max_steps: 1\n  mrl_dims: []\n" + mix, monkeypatch)
+    out = capsys.readouterr().out
+    assert "+ 3 labelled (train.mix) examples (3 with a hard negative)" in out
+    logged = json.loads((tmp_path / "models" / "fret-encoder" / "fret_training.json").read_text())
+    assert logged["train"]["mix"][0]["hard_negative"] is True
+    assert logged["data"]["mix_with_negative"] == 3
+
+
 def test_stage_names_the_trained_weights_not_the_base(tiny_bert_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
     # The fused AdamW step leaves torch's version counters alone: a cached hash would stay the base's.
     run_stage(tmp_path, tiny_bert_dir, 4, "  batch_size: 4\n  max_steps: 1\n  mrl_dims: []\n  lr: 1.0e-3\n", monkeypatch)
@@ -674,6 +743,7 @@ def test_stage_with_distillation_and_selection(tiny_bert_dir, tmp_path, monkeypa
         ("train:\n  mix:\n    path: .\n    kind: retrieval\n    task: t\n    split: test\n", "test split"),
         ("train:\n  mix:\n    path: .\n    kind: retrieval\n    task: t\n    symmetric: false\n", "symmetric applies"),
         ("train:\n  mix:\n    path: params.yaml\n    split: dev\n", "split applies to kind: retrieval only"),
+        ("train:\n  mix:\n    path: params.yaml\n    hard_negative: true\n", "hard_negative applies to kind: retrieval only"),
         ("train:\n  mix:\n    path: params.yaml\n    kind: classification\n    min_score: 3\n", "min_score applies to kind: pairs"),
         ("train:\n  mix:\n    path: params.yaml\n    kind: labels\n", r"params\.yaml:4: train\.mix\.kind"),
         ("train:\n  learning_rate: 1e-4\n", "unknown key"),

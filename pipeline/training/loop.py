@@ -20,7 +20,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ class DataCounts:
     with_negative: int
     without_negative: int
     mix_examples: int = 0
+    mix_with_negative: int = 0  # of the mixed-in examples, those with a hard negative
 
 
 @dataclass
@@ -250,17 +251,26 @@ def read_labelled_examples(
 
 
 def read_retrieval_examples(
-    folder: str | Path, split: str, task: str, text_format, holdout: float = 0.0
+    folder: str | Path,
+    split: str,
+    task: str,
+    text_format,
+    holdout: float = 0.0,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
 ) -> list[Example]:
     """A BEIR folder's judged queries as examples: (query with `task`, a relevant document) each.
 
-    One example per document judged relevant (score > 0), formatted as a passage; no hard negative,
-    so the other passages of the batch are the negatives. The masking id is the document's content
-    hash: two queries citing the same abstract never push each other's positive away.
+    One example per document judged relevant (score > 0), formatted as a passage. The masking id is
+    the document's content hash: two queries citing the same abstract never push each other's
+    positive away, and a negative that is another example's positive is masked, not pushed away.
 
     Args:
         holdout: queries whose text hash falls in this share are left out: the dev set that
             `eval.retrieval` (or `train.dev.retrieval`) scores with the same split and holdout.
+        embed: texts -> unit vectors (the starting encoder). Given, each query's examples get a
+            hard negative: the document it ranks highest among those not judged relevant to that
+            query (`mine_hard_negatives`). None: no hard negative; the batch's other passages are
+            the negatives.
 
     Raises:
         pipeline.evaluation.mteb_eval.EvalDataError (a ValueError): missing or malformed files (file
@@ -272,29 +282,66 @@ def read_retrieval_examples(
     if holdout > 0:
         data = split_queries(data, holdout, held=False)
     docs = {d["id"]: d for d in data.corpus}
+    relevant = {q["id"]: sorted(d for d, score in data.qrels[q["id"]].items() if score > 0) for q in data.queries}
+    queries = [q for q in data.queries if relevant[q["id"]]]
+    negatives = mine_hard_negatives(queries, relevant, data.corpus, task, text_format, embed) if embed else {}
+
+    def doc_id(doc: dict) -> str:
+        return "doc:" + hashlib.sha1(f"{doc['title']}\t{doc['text']}".encode()).hexdigest()[:16]
+
     out = []
-    for query in data.queries:
-        for doc_id, score in sorted(data.qrels[query["id"]].items()):
-            if score <= 0:
-                continue
-            doc = docs[doc_id]
-            digest = hashlib.sha1(f"{doc['title']}\t{doc['text']}".encode()).hexdigest()[:16]
+    for query in queries:
+        negative = negatives.get(query["id"])
+        for positive in (docs[d] for d in relevant[query["id"]]):
             out.append(
                 Example(
                     query=text_format.query(task, query["text"]),
-                    positive=text_format.passage(doc["title"], doc["text"]),
-                    negative=None,
+                    positive=text_format.passage(positive["title"], positive["text"]),
+                    negative=None if negative is None else text_format.passage(negative["title"], negative["text"]),
                     query_text=query["text"],
-                    positive_text=doc["text"],
-                    negative_text=None,
-                    positive_id="doc:" + digest,
-                    negative_id=None,
+                    positive_text=positive["text"],
+                    negative_text=None if negative is None else negative["text"],
+                    positive_id=doc_id(positive),
+                    negative_id=None if negative is None else doc_id(negative),
                 )
             )
     if not out:
         qrels = Path(folder) / "qrels" / f"{split}.tsv"
         raise EvalDataError(f"{qrels}: no relevant judgment left to train on (holdout {holdout:g})")
     return out
+
+
+def mine_hard_negatives(
+    queries: Sequence[dict],
+    relevant: Mapping[str, Sequence[str]],
+    corpus: Sequence[dict],
+    task: str,
+    text_format,
+    embed: Callable[[list[str]], np.ndarray],
+) -> dict[str, dict]:
+    """Each query's hard negative: the corpus document `embed` ranks highest among its non-relevant ones.
+
+    What the triples stage takes from the LLM's ranking for a generated query, taken here from the
+    starting encoder's for a labelled one: the document it would wrongly put first (exact search;
+    a query with every document relevant gets none).
+
+    Returns:
+        query id -> the negative's corpus record.
+    """
+    from pipeline.retrieval.exact import top_n_search
+
+    query_vectors = embed(text_format.queries([task] * len(queries), [q["text"] for q in queries]))
+    doc_vectors = embed(text_format.passages([d["title"] for d in corpus], [d["text"] for d in corpus]))
+    # One more than the most relevant documents of any query: a non-relevant one is always among them.
+    depth = 1 + max(len(relevant[q["id"]]) for q in queries)
+    ranked, _ = top_n_search(query_vectors, doc_vectors, depth)
+    negatives = {}
+    for query, row in zip(queries, ranked):
+        judged = set(relevant[query["id"]])
+        found = next((corpus[i] for i in row if corpus[i]["id"] not in judged), None)
+        if found is not None:
+            negatives[query["id"]] = found
+    return negatives
 
 
 def read_candidates(path: str | Path, text_format) -> dict[str, list[Candidate]]:
@@ -338,8 +385,13 @@ def read_candidates(path: str | Path, text_format) -> dict[str, list[Candidate]]
     return pools
 
 
-def read_mix_source(source, text_format, seed: int) -> list[Example]:
-    """The examples of one `train.mix` source (a `pipeline.params.MixParams`), by its kind."""
+def read_mix_source(
+    source, text_format, seed: int, embed: Callable[[list[str]], np.ndarray] | None = None
+) -> list[Example]:
+    """The examples of one `train.mix` source (a `pipeline.params.MixParams`), by its kind.
+
+    `embed` (the starting encoder) mines the hard negatives of a retrieval source with `hard_negative`.
+    """
     if source.raw:
         from pipeline.retrieval.encoder import RawFormat
 
@@ -347,7 +399,10 @@ def read_mix_source(source, text_format, seed: int) -> list[Example]:
     if source.kind == "classification":
         return read_labelled_examples(source.path, source.task, text_format, seed, source.symmetric, source.holdout)
     if source.kind == "retrieval":
-        return read_retrieval_examples(source.path, source.split, source.task, text_format, source.holdout)
+        if source.hard_negative and embed is None:
+            raise ValueError(f"train.mix {source.path}: hard_negative needs the encoder to mine with")
+        miner = embed if source.hard_negative else None
+        return read_retrieval_examples(source.path, source.split, source.task, text_format, source.holdout, miner)
     return read_pairs(source.path, source.min_score, source.task, text_format, source.symmetric)
 
 
