@@ -79,7 +79,6 @@ SCIFACT_CLAIMS := {kind:retrieval,path:../shared/eval/scifact,split:train,holdou
 FULL_PARAMS := \
 	-S "corpus.path=../shared/eval/scifact/corpus.jsonl" \
 	-S "generate.limit=1000" \
-	-S "neighbors.top_n=10" \
 	-S "score.methods=[ql]" \
 	-S "select.weights={ql:1.0,rc:0.0,knn:0.0}" \
 	-S "select.negative=range" \
