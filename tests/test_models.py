@@ -314,6 +314,18 @@ def test_column_data_test_passes_on_good_rows(testable, kind):
     assert build_models(sql_dir, warehouse=warehouse).tests_passed == 1
 
 
+def test_relationships_counts_each_missing_key_once_and_ignores_nulls(tmp_path):
+    """A child key repeated is one offending row with its count; a NULL child key is not checked, and a
+    NULL parent key matches nothing (NOT EXISTS semantics, which the anti join must keep)."""
+    warehouse = tmp_path / "warehouse"
+    upstream_stage(warehouse, "queries", {"queries": {"query_id": [1, 3, 3, None]}, "parents": {"id": [1, None]}})
+    columns = "      - name: query_id\n        tests:\n          - relationships: {to: parents, field: id}"
+    write_models(tmp_path / "sql", QUERIES_MODEL, schema=schema_for(columns))
+    with pytest.raises(ModelError, match=r"1 offending row\(s\)\n    query_id=3, n_rows=2\n?") as err:
+        build_models(tmp_path / "sql", warehouse=warehouse)
+    assert "None" not in str(err.value)
+
+
 def test_expect_empty_fails_and_passes(testable):
     sql_dir, warehouse = testable
     test = (

