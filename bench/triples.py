@@ -2,7 +2,7 @@
 
 The peer is the pandas version: merge llm_scores with neighbors, the same exact-fraction fusion and
 tie-breakers, groupby for p1, the same positive-aware guards and negative strategy, then merges
-for the texts; and the other tables the stage writes that cost real work: `query_filters'`
+for the texts; and the other tables the stage writes that cost real work: `query_filters`'
 measures (words per query, copy rate against the seed's words, the normalised text) and, with
 `--distill` (train.distill_weight > 0, the only case in which fret fills it), `distill_candidates`
 (every scored candidate of each training query with its teacher score and texts, sorted).
@@ -303,6 +303,8 @@ def main() -> None:
     parser.add_argument("--distill", action="store_true",
                         help="train.distill_weight 1: both also build distill_candidates (empty in fret otherwise)")
     args = parser.parse_args()
+    import pandas as pd
+
     select = SelectParams(negative=args.negative, num_negatives=args.num_negatives)
     if args.negative == "range":
         select = SelectParams(negative="range", num_negatives=args.num_negatives, range_min=5, range_max=15)
@@ -331,8 +333,12 @@ def main() -> None:
         fret_distill = con.execute("select * from distill_candidates").df()
         fret_measures = con.execute("select query_id, n_words, copy_rate, normalized_query from query_filters").df()
         con.close()
+        written = {path.stem: pd.read_parquet(path) for path in peer_dir.glob("*.parquet")}
     peers = run_peer(frames, params)
     peer = peers["triples"]
+    # The timed job read its frames from the stage files: its Parquet must hold what the in-memory peer selects.
+    for name, frame in run_peer(frames, params, extras=not args.triples_only).items():
+        check_same(written[name], frame, f"Parquet {name}", order=True)
     if args.distill:
         check_same(fret_distill, peers["distill_candidates"], "distill_candidates", order=True)
     elif len(fret_distill):
