@@ -99,12 +99,18 @@ def report(peak: dict[str, dict[str, float]], sides: dict[str, tuple[float, floa
             for dtype in ("bfloat16", "float32")
         )
     ]
+    # bf16 slower than fp32 means it is emulated (no AVX512-BF16 / AMX): a share of that "peak" would
+    # read in the thousands of percent and say nothing, so only the float32 share is printed then.
+    bf16_native = peak["bfloat16"]["peak"] >= peak["float32"]["peak"]
+    if not bf16_native:
+        lines.append("bfloat16 is emulated on this CPU (slower than float32): shares are of the float32 peak only")
     for name, (flops, seconds, dtype) in sides.items():
         achieved = flops / seconds / 1e9
         lines.append(
             f"roofline {name}: {flops / 1e9:,.1f} GFLOP in {seconds:.1f} s = {achieved:.1f} GFLOP/s, "
             f"{achieved / peak[dtype]['peak']:.1%} of the {dtype} peak ({peak[dtype]['peak']:.0f})"
-            + ("" if dtype == "bfloat16" else f", {achieved / peak['bfloat16']['peak']:.1%} of the bfloat16 peak")
+            + ("" if dtype == "bfloat16" or not bf16_native
+               else f", {achieved / peak['bfloat16']['peak']:.1%} of the bfloat16 peak")
         )
     return lines
 
