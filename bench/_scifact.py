@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-SCIFACT = Path("/work/shared/eval/scifact")
+SCIFACT = Path(__file__).resolve().parents[1] / "data/eval/scifact"
 TASK = "Given a scientific claim, retrieve documents that support or refute the claim"
 EMBEDDING_CACHE = Path(".fret/cache/embeddings.duckdb")
 

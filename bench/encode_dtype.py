@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-EVAL = Path("/work/shared/eval")
+EVAL = Path(__file__).resolve().parents[1] / "data/eval"
 
 
 def texts(docs: int, sentences: int) -> list[str]:

@@ -24,7 +24,7 @@ TOLERANCE = 1e-3  # nDCG@10 agreement between the two encoders' float paths
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=Path(__file__).resolve().parents[1] / "../shared/eval/scifact")
+    parser.add_argument("--folder", type=Path, default=Path(__file__).resolve().parents[1] / "data/eval/scifact")
     parser.add_argument("--split", default="test")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)

@@ -32,7 +32,7 @@ import json
 import time
 from pathlib import Path
 
-SCIFACT = Path("/work/shared/eval/scifact/corpus.jsonl")
+SCIFACT = Path(__file__).resolve().parents[1] / "data/eval/scifact/corpus.jsonl"
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """What the LLM scores mean: rerank MiniLM's top-20 on SciFact TRAIN queries by QL, RC and their fusions.
 
 The `judge` stage's own code (`pipeline.evaluation.judge.run_judge`) on the full SciFact corpus
-(/work/shared/eval/scifact, qrels/train.tsv; the test split stays untouched): seeded train queries,
+(data/eval/scifact, qrels/train.tsv; the test split stays untouched): seeded train queries,
 MiniLM's top 20 of all 5,183 documents, every pair scored by fret's scorer (`score_relevance`, the
 stage's prompts) with the fixed task below, and nDCG@10 of the encoder, QL, RC, Gecko's fusion
 R = 1/r_QL + 1/r_RC and the best of the weight grid, beside Gecko's reference. MiniLM sees raw texts

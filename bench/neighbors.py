@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCIFACT = Path("/work/shared/eval/scifact")
+SCIFACT = Path(__file__).resolve().parents[1] / "data/eval/scifact"
 TASK = "Given a scientific claim, retrieve documents that support or refute the claim"
 
 

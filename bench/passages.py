@@ -23,7 +23,7 @@ import pyarrow as pa
 from pipeline.ingest import ingest_corpus, passages_schema
 from pipeline.params import CorpusParams
 
-SCIFACT = Path("/work/shared/eval/scifact/corpus.jsonl")
+SCIFACT = Path(__file__).resolve().parents[1] / "data/eval/scifact/corpus.jsonl"
 
 
 def run_fret(params: CorpusParams) -> pa.Table:

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.params import TrainParams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=Path(__file__).resolve().parents[1] / "../shared/eval/scifact")
+    parser.add_argument("--folder", type=Path, default=Path(__file__).resolve().parents[1] / "data/eval/scifact")
     parser.add_argument("--triples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_encoder import tiny_bert_dir  # noqa: F401 - session fixture
-from test_evaluation import SHARED, HashEncoder, TableEncoder
+from test_evaluation import EVAL, HashEncoder, TableEncoder
 
 from pipeline.evaluation.mteb_eval import (
     VERSATILITY,
@@ -239,7 +239,7 @@ def test_minilm_reproduces_published_classification_and_clustering_scores(tmp_pa
     from pipeline.retrieval.encoder import Encoder
 
     encoder = Encoder.load("minilm", device="cpu", threads=2)
-    tasks = [classification_task("banking77", SHARED / "banking77"), clustering_task("tng", SHARED / "twentynewsgroups")]
+    tasks = [classification_task("banking77", EVAL / "banking77"), clustering_task("tng", EVAL / "twentynewsgroups")]
     # The clustering subsets repeat titles: the cache embeds each distinct text once.
     with EmbeddingCache(tmp_path / "cache.duckdb") as cache:
         scores = run_tasks(MtebEncoder(CachedEncoder(encoder, cache), "minilm"), tasks)

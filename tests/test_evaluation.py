@@ -21,7 +21,7 @@ from pipeline.evaluation.mteb_eval import (
     sts_task,
 )
 
-SHARED = Path(__file__).resolve().parents[1] / "../shared/eval"
+EVAL = Path(__file__).resolve().parents[1] / "data/eval"
 TASK = "Find the document"
 
 # Cosine of each query with each document (rows q1..q3, columns d1..d6); no ties within a row.
@@ -219,7 +219,7 @@ def test_minilm_reproduces_published_mteb_scores():
     from pipeline.retrieval.encoder import Encoder
 
     encoder = Encoder.load("minilm", device="cpu", threads=2)
-    tasks = [retrieval_task("scifact", SHARED / "scifact"), sts_task("stsb", SHARED / "stsb")]
+    tasks = [retrieval_task("scifact", EVAL / "scifact"), sts_task("stsb", EVAL / "stsb")]
     scores = run_tasks(MtebEncoder(encoder, "minilm"), tasks)
     print(scores)
     assert scores["scifact"]["ndcg_at_10"] == pytest.approx(0.64508, abs=0.005)

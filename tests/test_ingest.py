@@ -24,7 +24,7 @@ from pipeline.ingest import (
 )
 from pipeline.params import CorpusParams
 
-SCIFACT = Path("/work/shared/eval/scifact/corpus.jsonl")
+SCIFACT = Path(__file__).resolve().parents[1] / "data/eval/scifact/corpus.jsonl"
 GOOD = "alpha beta gamma delta epsilon zeta"  # six words: above the default min_words of 5
 
 
