@@ -1,11 +1,20 @@
-# Two entry points for users: `make run` (set up + dvc repro) and `make test` (set up + tests).
-# Setup is a stamp file: it re-runs only when pyproject.toml changes, so both are fast once set up.
+# What each target covers (every one sets up .venv first):
+#   make run          `dvc repro`: the whole pipeline on the bundled sample (data/sample), with params.yaml.
+#   make full         the full run: all of SciFact, evaluated on the sets shipped in data/eval (below).
+#   make test         every test not marked slow (tiny models built in the test, the bundled sample,
+#                     data/eval's checksums): offline, no C build.
+#   make test-server  the slow test of the openai backend against a real llama.cpp server
+#                     (tests/test_llama_server.py); builds llama-cpp-python first, which needs a C/C++
+#                     compiler and CMake (~17 min on 2 cores the first time, then a cached wheel: seconds).
+#   make test-all     every test, slow ones included: real models, full data sets from data/eval, the
+#                     server test (so it builds llama-cpp-python too).
+# Setup is a stamp file: it re-runs only when pyproject.toml changes, so all are fast once set up.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fret-installed
 
-.PHONY: setup run test test-all
+.PHONY: setup run test test-server test-all
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -56,8 +65,12 @@ $(LLAMA_STAMP): $(STAMP)
 		'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)'
 	touch $(LLAMA_STAMP)
 
-test: $(STAMP) $(LLAMA_STAMP)
+# pyproject.toml's addopts leave out the tests marked slow.
+test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# Its own target so that `make test` never waits for the llama-cpp-python build; .ci/run runs both.
+test-server: $(STAMP) $(LLAMA_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow tests/test_llama_server.py
 
 test-all: $(STAMP) $(LLAMA_STAMP)
@@ -66,8 +79,8 @@ test-all: $(STAMP) $(LLAMA_STAMP)
 # The full run of the quality issue: the whole SciFact corpus (5,183 abstracts), evaluated on
 # SciFact train (dev) and test, STSB dev and test, Banking77 and TwentyNewsgroups, as one DVC
 # experiment on top of params.yaml (needs a commit: `git add dvc.lock metrics && git commit`).
-# Eval data comes from ../shared/eval (see README). LLM calls are cached: a re-run after the LLM
-# stages costs only training and evaluation.
+# The evaluation sets ship in data/eval (sources, licenses, md5: data/eval/README.md). LLM calls
+# are cached: a re-run after the LLM stages costs only training and evaluation.
 SCIFACT_TASK := 'Given a scientific claim, retrieve documents that support or refute the claim'
 STS_TASK := 'Retrieve semantically similar text'
 # SciFact's labelled train claims, as Gecko mixes human-labelled sets into FRet: those outside a
@@ -75,22 +88,22 @@ STS_TASK := 'Retrieve semantically similar text'
 # other half is the dev set (scifact_dev); they replace the default's sample claims. Three epochs
 # (the default now) won on that dev half (README, "Labelled queries mixed in"); the STSB share went
 # from 0.3 to 0.21 so that it keeps the same pairs.
-SCIFACT_CLAIMS := {kind:retrieval,path:../shared/eval/scifact,split:train,holdout:0.5,fraction:0.3,hard_negative:true,task:$(SCIFACT_TASK)}
+SCIFACT_CLAIMS := {kind:retrieval,path:data/eval/scifact,split:train,holdout:0.5,fraction:0.3,hard_negative:true,task:$(SCIFACT_TASK)}
 FULL_PARAMS := \
-	-S "corpus.path=../shared/eval/scifact/corpus.jsonl" \
+	-S "corpus.path=data/eval/scifact/corpus.jsonl" \
 	-S "generate.limit=1000" \
 	-S "score.methods=[ql]" \
 	-S "select.weights={ql:1.0,rc:0.0,knn:0.0}" \
 	-S "select.negative=range" \
-	-S "train.mix=[{kind:pairs,path:../shared/eval/stsb/train.tsv,min_score:4.0,fraction:0.21},$(SCIFACT_CLAIMS)]" \
+	-S "train.mix=[{kind:pairs,path:data/eval/stsb/train.tsv,min_score:4.0,fraction:0.21},$(SCIFACT_CLAIMS)]" \
 	-S "~eval.retrieval.scifact_sample" \
 	-S "~eval.retrieval.scifact_sample_dev" \
-	-S "+eval.retrieval.scifact_dev={path:../shared/eval/scifact,split:train,holdout:0.5,task:$(SCIFACT_TASK)}" \
-	-S "+eval.retrieval.scifact_test={path:../shared/eval/scifact,split:test,task:$(SCIFACT_TASK)}" \
-	-S "+eval.sts.stsb_dev={path:../shared/eval/stsb,split:dev,task:$(STS_TASK)}" \
-	-S "+eval.sts.stsb_test={path:../shared/eval/stsb,split:test,task:$(STS_TASK)}" \
-	-S "+eval.classification={banking77:{path:../shared/eval/banking77,task:'Given a online banking query, find the corresponding intents'}}" \
-	-S "+eval.clustering={twentynewsgroups:{path:../shared/eval/twentynewsgroups,task:'Identify the topic or theme of the given news articles'}}"
+	-S "+eval.retrieval.scifact_dev={path:data/eval/scifact,split:train,holdout:0.5,task:$(SCIFACT_TASK)}" \
+	-S "+eval.retrieval.scifact_test={path:data/eval/scifact,split:test,task:$(SCIFACT_TASK)}" \
+	-S "+eval.sts.stsb_dev={path:data/eval/stsb,split:dev,task:$(STS_TASK)}" \
+	-S "+eval.sts.stsb_test={path:data/eval/stsb,split:test,task:$(STS_TASK)}" \
+	-S "+eval.classification={banking77:{path:data/eval/banking77,task:'Given a online banking query, find the corresponding intents'}}" \
+	-S "+eval.clustering={twentynewsgroups:{path:data/eval/twentynewsgroups,task:'Identify the topic or theme of the given news articles'}}"
 
 .PHONY: full
 full: $(STAMP)

@@ -1,7 +1,7 @@
 """The openai backend against a real llama.cpp server (llama-cpp-python's) serving the SmolLM2 GGUF.
 
-Slow: it starts `python -m llama_cpp.server` (llama-cpp-python, which `make test` builds once and
-installs) on a free port of 127.0.0.1, and loads the in-process model too. It checks that
+Slow: it starts `python -m llama_cpp.server` (llama-cpp-python, which `make test-server` builds once
+and installs) on a free port of 127.0.0.1, and loads the in-process model too. It checks that
 generation through the server is schema-valid, and that the server's QL and RC scores agree with
 the in-process transformers backend on the same weights: the server runs the Q4_1 GGUF with
 llama.cpp's kernels (activations quantized to 8 bits for the matmuls), in-process runs the same
@@ -57,7 +57,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         import llama_cpp.server  # noqa: F401
     except ImportError as err:
-        pytest.fail(f"llama-cpp-python[server] is not installed ({err}): `make test` builds and installs it")
+        pytest.fail(f"llama-cpp-python[server] is not installed ({err}): `make test-server` builds and installs it")
     gguf = resolve_model(LLMParams()).gguf
     port = _free_port()
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
