@@ -37,7 +37,17 @@ def sources_as_list(value: Any, key: str) -> Any:
     return value
 
 
+# The query-side task of the bundled sample (SciFact claims): the default of every setting that reads data/sample.
+SAMPLE_TASK = "Given a scientific claim, retrieve documents that support or refute the claim"
+
+
 class BaseParams(Section):
-    seed: int = 42
-    threads: int = Field(2, ge=1, le=512)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Settings every stage shares."""
+
+    seed: int = Field(
+        42, description="Every random choice (task types, samples, negatives, initialisation) derives from it."
+    )
+    threads: int = Field(2, ge=1, le=512, description="Torch threads per stage.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when a GPU is visible, else the CPU."
+    )

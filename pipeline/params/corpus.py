@@ -11,19 +11,29 @@ from pipeline.params.base import Section, under_root
 
 
 class CorpusParams(Section):
-    """How the `passages` stage reads and cuts the corpus."""
+    """Stage `passages`: how the corpus is read and cut into passages."""
 
-    path: Path = Path("data/sample/corpus.jsonl")
-    # auto: by extension (.jsonl/.json -> jsonl, .csv, .parquet, a directory -> text_dir)
-    format: Literal["auto", "jsonl", "csv", "parquet", "text_dir"] = "auto"
-    # BEIR field names by default; other JSONL/CSV/Parquet layouts rename them here.
-    id_field: str = "_id"
-    title_field: str | None = "title"
-    text_field: str = "text"
-    max_words: int = Field(256, ge=8)
-    overlap_words: int = Field(32, ge=0)
-    min_words: int = Field(5, ge=1)
-    on_error: Literal["fail", "skip"] = "fail"
+    path: Path = Field(
+        Path("data/sample/corpus.jsonl"),
+        description="The corpus: a BEIR corpus.jsonl, a JSONL, CSV or Parquet file, or a folder of .txt/.md files.",
+    )
+    format: Literal["auto", "jsonl", "csv", "parquet", "text_dir"] = Field(
+        "auto", description="auto: by extension (.jsonl/.json: jsonl, .csv, .parquet; a folder: text_dir)."
+    )
+    id_field: str = Field(
+        "_id", description="The document id's field (BEIR's names by default; rename them for other layouts)."
+    )
+    title_field: str | None = Field("title", description="The title's field; null: the documents have no title.")
+    text_field: str = Field("text", description="The text's field.")
+    max_words: int = Field(
+        256, ge=8, description="Longer documents are split into overlapping passages of at most this many words."
+    )
+    overlap_words: int = Field(32, ge=0, description="Words two consecutive passages of a document share.")
+    min_words: int = Field(5, ge=1, description="Shorter passages are dropped (counted in table ingest_report).")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A bad record: fail stops at the first one, naming file and line; skip counts it in ingest_report.",
+    )
 
     @field_validator("path")
     @classmethod

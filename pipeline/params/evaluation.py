@@ -7,24 +7,29 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainValidator, ValidationInfo, model_validator
 
-from pipeline.params.base import Section
+from pipeline.params.base import SAMPLE_TASK, Section
 
 
 class EvalSetParams(Section):
     """One local eval set: a BEIR folder (retrieval) or a folder holding `<split>.tsv` (STS)."""
 
-    path: Path
-    split: str = "test"  # retrieval: qrels/<split>.tsv; STS: <split>.tsv
-    # The query-side task description in the Gecko format (`task: {task} | query: {query}`).
-    task: str = Field(min_length=1)
+    path: Path = Field(description="The set's folder (relative paths: from the params file's folder).")
+    split: str = Field("test", description="The split scored: qrels/<split>.tsv (retrieval), else <split>.tsv.")
+    task: str = Field(
+        min_length=1, description="The query-side task description in the Gecko format (`task: {task} | query: ...`)."
+    )
 
 
 class RetrievalSetParams(EvalSetParams):
     """A BEIR folder scored by nDCG@10 on the queries judged in `qrels/<split>.tsv`."""
 
-    # > 0: only the queries whose text hash falls in this share are scored: the dev set cut out of a
-    # split that a `train.mix` retrieval source with the same holdout trains on (the rest of it).
-    holdout: float = Field(0.0, ge=0, lt=1)
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Above 0: only the queries whose text hash falls in this share are scored: the dev set cut "
+        "out of a split that a train.mix retrieval source with the same holdout trains on (the rest of it).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -39,12 +44,18 @@ class ClassificationSetParams(EvalSetParams):
     """A labelled set (TSV, header `text label`): `<path>/<split>.tsv` is scored, `<path>/train.tsv`
     is the pool the logistic regression's training sample is drawn from (MTEB's protocol)."""
 
-    samples_per_label: int = Field(8, ge=1)  # training texts per label in each experiment (MTEB: 8)
-    n_experiments: int = Field(10, ge=1)  # seeded samples, each a fresh classifier; scores are the mean
-    # > 0: a dev set cut from train.tsv (split must be train): the texts whose content hash falls in
-    # this share are scored, the rest are the pool. The same share on a `train.mix` classification
-    # source drops exactly these texts from training, so train and dev stay disjoint.
-    holdout: float = Field(0.0, ge=0, lt=1)
+    samples_per_label: int = Field(8, ge=1, description="Training texts per label in each experiment (MTEB: 8).")
+    n_experiments: int = Field(
+        10, ge=1, description="Seeded training samples, each a fresh classifier; the score is their mean (MTEB: 10)."
+    )
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Above 0: a dev set cut from train.tsv (split must be train): the texts whose content hash "
+        "falls in this share are scored, the rest are the pool. The same share on a train.mix classification "
+        "source leaves exactly these texts out of training, so train and dev stay disjoint.",
+    )
 
     @model_validator(mode="after")
     def _holdout_only_on_train(self) -> "ClassificationSetParams":
@@ -58,7 +69,9 @@ class ClassificationSetParams(EvalSetParams):
 class ClusteringSetParams(EvalSetParams):
     """A labelled set (TSV `<path>/<split>.tsv`, header `text label`) clustered as MTEB does."""
 
-    n_subsets: int = Field(10, ge=1)  # seeded subsets of 1,000 to 10,000 texts (fewer when the set is smaller)
+    n_subsets: int = Field(
+        10, ge=1, description="Seeded subsets of 1,000 to 10,000 texts (fewer when the set is smaller), each clustered."
+    )
 
 
 EVAL_KINDS = ("retrieval", "sts", "classification", "clustering")
@@ -87,29 +100,47 @@ PrefixSetting = Annotated[bool | dict[str, bool], PlainValidator(_prefix_setting
 
 
 class EvalParams(Section):
-    """The evaluate stage: mteb on local eval sets, the base encoder and the trained one."""
+    """Stage `evaluate`: mteb on local eval sets, the base encoder and the trained one -> metrics/eval.json (which
+    also holds each model's `versatility`: the mean main metric per category, and their mean)."""
 
-    # Set name -> set; names become the task keys in metrics/eval.json.
-    retrieval: dict[str, RetrievalSetParams] = {
-        "scifact_sample": RetrievalSetParams(
-            path=Path("data/sample"),
-            task="Given a scientific claim, retrieve documents that support or refute the claim",
-        )
-    }
-    sts: dict[str, EvalSetParams] = {}
-    classification: dict[str, ClassificationSetParams] = {}
-    clustering: dict[str, ClusteringSetParams] = {}
-    # true: Gecko unified format (encoder.*_template); false: raw texts, as MTEB's leaderboard runs.
-    # Either one value for every category or one per category ({retrieval: true, sts: false}; a
-    # category left out is true). `prefixes` applies to the trained model (`train.output`, scored when
-    # the folder exists) and to `train.dev`; `base_prefixes` to the base model, which never saw the
-    # Gecko format: false scores it at its best. The trained model is trained in the Gecko format but
-    # scores best on raw texts on every dev split measured: STSB dev 0.867 vs 0.837, Banking77 dev
-    # 0.798 vs 0.774, SciFact sample dev 0.816 vs 0.812 (README, "The trained model's input format").
-    prefixes: PrefixSetting = False
-    base_prefixes: PrefixSetting = False
-    metrics_path: Path = Path("metrics/eval.json")
-    plot_path: Path = Path("metrics/eval_plot.json")
+    # Every category: set name -> set; the names become the task keys in metrics/eval.json.
+    retrieval: dict[str, RetrievalSetParams] = Field(
+        {"scifact_sample": RetrievalSetParams(path=Path("data/sample"), task=SAMPLE_TASK)},
+        description="Name -> BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), scored by nDCG@10.",
+    )
+    sts: dict[str, EvalSetParams] = Field(
+        {},
+        description="Name -> folder holding <split>.tsv (sentence1, sentence2, score 0-5), scored by the cosines' "
+        "Spearman correlation, e.g. {stsb: {path: data/eval/stsb, task: Retrieve semantically similar text}}.",
+    )
+    classification: dict[str, ClassificationSetParams] = Field(
+        {},
+        description="Name -> folder holding <split>.tsv and train.tsv (`text label`), MTEB's protocol: a logistic "
+        "regression on samples_per_label train texts per label, n_experiments times, e.g. {banking77: {path: "
+        "data/eval/banking77, task: Given a online banking query, find the corresponding intents}}; a dev set: "
+        "{split: train, holdout: 0.2} scores the held-out texts of train.tsv (the same holdout as the train.mix "
+        "source's).",
+    )
+    clustering: dict[str, ClusteringSetParams] = Field(
+        {},
+        description="Name -> folder holding <split>.tsv (`text label`): MiniBatchKMeans on n_subsets seeded "
+        "subsets, scored by V-measure, e.g. {twentynewsgroups: {path: data/eval/twentynewsgroups, task: Identify "
+        "the topic or theme of the given news articles}}.",
+    )
+    prefixes: PrefixSetting = Field(
+        False,
+        description="The trained model (train.output, scored when the folder exists; and train.dev): true reads "
+        "the Gecko format (encoder.*_template), false raw texts; or one value per category, e.g. {retrieval: "
+        "true, sts: false} (a category left out: true). It trains in the Gecko format, yet scored best on raw "
+        "texts on every dev split measured (docs/levers.md).",
+    )
+    base_prefixes: PrefixSetting = Field(
+        False,
+        description="The base model, as prefixes: false reads raw texts, as MTEB's leaderboard runs it (its best "
+        "score: it never saw the Gecko format).",
+    )
+    metrics_path: Path = Field(Path("metrics/eval.json"), description="The scores, per model and set (a DVC metric).")
+    plot_path: Path = Field(Path("metrics/eval_plot.json"), description="The same scores as rows for `dvc plots`.")
 
     def uses_prefixes(self, kind: str, model: Literal["trained", "base"] = "trained") -> bool:
         """Whether `model` sees the Gecko format on eval sets of category `kind` (EVAL_KINDS)."""

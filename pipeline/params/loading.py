@@ -22,6 +22,8 @@ PARAMS_FILE = "params.yaml"
 
 
 class Params(Section):
+    """The whole params file: one section per stage, plus `base` (each section's docstring describes it)."""
+
     base: BaseParams = BaseParams()
     corpus: CorpusParams = CorpusParams()
     llm: LLMParams = LLMParams()

@@ -22,23 +22,39 @@ def _template_fields(template: str) -> set[str]:
 class EncoderParams(Section):
     """The text encoder and the Gecko input format, shared by neighbors (mining), train and evaluate."""
 
-    # A local transformers / sentence-transformers folder, or "minilm": the bundled all-MiniLM-L6-v2.
-    model: str = "minilm"
-    # Tokens kept per text; null = the model's own max_seq_length (256 for MiniLM).
-    max_length: int | None = Field(None, ge=2)
-    # bfloat16 = float32 weights run under autocast (faster on GPUs and AVX512-BF16 / AMX CPUs);
-    # auto = bfloat16 where the device computes it natively, else float32 (resolved at load).
-    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
-    batch_size: int = Field(64, ge=1)
-    # Python str.format templates (Gecko's unified format); fields: {task} {query} / {title} {text}.
-    query_template: str = "task: {task} | query: {query}"
-    passage_template: str = "title: {title} | text: {text}"
-    empty_title: str = "none"  # written for a missing or blank title
-    # false: the query template's instruction (`task: ... | query: `) is left out of mean pooling, so
-    # it conditions the text through attention without being averaged into the embedding.
-    pool_instruction: bool = True
-    # Embeddings keyed by model fingerprint + text, outside the DVC outs; null disables the cache.
-    cache_path: Path | None = Path(".fret/cache/embeddings.duckdb")
+    model: str = Field(
+        "minilm",
+        description="minilm: the bundled all-MiniLM-L6-v2; else a local sentence-transformers or BERT model folder.",
+    )
+    max_length: int | None = Field(
+        None, ge=2, description="Tokens kept per text; null: the model's own max_seq_length (256 for MiniLM)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32",
+        description="bfloat16: float32 weights run under autocast (faster on GPUs and AVX512-BF16 / AMX CPUs); "
+        "auto: bfloat16 where the device computes it natively, else float32 (resolved when the model loads).",
+    )
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    query_template: str = Field(
+        "task: {task} | query: {query}",
+        description="A query's text as the encoder reads it: a str.format template of {task} and {query} "
+        "(Gecko's unified format).",
+    )
+    passage_template: str = Field(
+        "title: {title} | text: {text}",
+        description="A passage's text as the encoder reads it: a str.format template of {title} and {text}.",
+    )
+    empty_title: str = Field("none", description="Written in place of a missing or blank title.")
+    pool_instruction: bool = Field(
+        True,
+        description="false: the query template's instruction (`task: ... | query: `) conditions the text through "
+        "attention but is left out of the mean pooling (as INSTRUCTOR does; sentence-transformers' "
+        "include_prompt: false); true: every token is pooled.",
+    )
+    cache_path: Path | None = Field(
+        Path(".fret/cache/embeddings.duckdb"),
+        description="Embeddings keyed by model fingerprint and text, outside the DVC outs; null disables the cache.",
+    )
 
     @field_validator("query_template", "passage_template")
     @classmethod
@@ -56,14 +72,21 @@ class EncoderParams(Section):
 
 
 class IVFParams(Section):
-    """FAISS IndexIVFFlat: k-means cells over the passages; a query scans only `nprobe` of them."""
+    """FAISS IndexIVFFlat (`neighbors.method: faiss_ivf`): k-means cells over the passages; a query scans only
+    `nprobe` of them."""
 
-    # null: 4 x sqrt(passages), the low end of FAISS's guideline, capped at train_size / 39 (the
-    # fewest points per centroid FAISS trains without warning). Set: used as given.
-    nlist: int | None = Field(None, ge=1)
-    nprobe: int = Field(32, ge=1)  # cells scanned per query: the recall / speed knob
-    # Passages (a seeded sample, embedded first through the cache) the k-means runs on.
-    train_size: int = Field(100_000, ge=1)
+    nlist: int | None = Field(
+        None,
+        ge=1,
+        description="k-means cells. null: 4 x sqrt(passages), the low end of FAISS's guideline, capped at "
+        "train_size / 39 (the fewest points per centroid FAISS trains on without a warning).",
+    )
+    nprobe: int = Field(32, ge=1, description="Cells scanned per query: the recall / speed knob.")
+    train_size: int = Field(
+        100_000,
+        ge=1,
+        description="Passages the k-means trains on: a sample seeded by base.seed, embedded first (through the cache).",
+    )
 
     @model_validator(mode="after")
     def _nprobe_within_nlist(self) -> "IVFParams":
@@ -75,25 +98,38 @@ class IVFParams(Section):
 
 
 class HNSWParams(Section):
-    """FAISS IndexHNSWFlat: a navigable small-world graph (no training, more memory per vector)."""
+    """FAISS IndexHNSWFlat (`neighbors.method: faiss_hnsw`): a navigable small-world graph; no training, more
+    memory per vector, and a build that is not deterministic with base.threads above 1."""
 
-    m: int = Field(32, ge=2, le=256)  # FAISS's M: links per vector; more = better recall, more memory
-    ef_construction: int = Field(200, ge=1)  # candidate list while building (FAISS's efConstruction)
-    ef_search: int = Field(128, ge=1)  # candidate list per query (FAISS's efSearch); raised to N if lower
+    m: int = Field(32, ge=2, le=256, description="Links per vector (FAISS's M): more recall, more memory.")
+    ef_construction: int = Field(200, ge=1, description="Candidate list while building (FAISS's efConstruction).")
+    ef_search: int = Field(
+        128, ge=1, description="Candidate list per query (FAISS's efSearch): recall vs speed; raised to top_n if lower."
+    )
 
 
 class NeighborsParams(Section):
-    """Top-N mining of candidate passages for each generated query: exact, or through a FAISS index."""
+    """Stage `neighbors`: each generated query's top N passages by cosine, exact or through a FAISS index."""
 
-    top_n: int = Field(20, ge=2)  # Gecko's ablations use N = 20
-    # exact: blocked matrix products (fret's own, every pair scored). faiss_flat: FAISS's exhaustive
-    # IndexFlatIP (same results, see pipeline/retrieval/faiss_knn.py). faiss_ivf / faiss_hnsw: approximate.
-    method: Literal["exact", "faiss_flat", "faiss_ivf", "faiss_hnsw"] = "exact"
+    top_n: int = Field(
+        20,
+        ge=2,
+        description="Candidates mined per query, each scored by the LLM (llm_scores) and fused into the ranking "
+        "that picks positive and negatives. Gecko's ablations use 20.",
+    )
+    method: Literal["exact", "faiss_flat", "faiss_ivf", "faiss_hnsw"] = Field(
+        "exact",
+        description="exact: blocked matrix products, every pair scored; faiss_flat: FAISS's exhaustive IndexFlatIP "
+        "(the same lists); faiss_ivf, faiss_hnsw: approximate indexes for large corpora (see ivf, hnsw).",
+    )
     # Peak search memory ~ query_block_size x block_size x 20 bytes (score, sort key, index): 80 MiB.
-    block_size: int = Field(4096, ge=1)
-    query_block_size: int = Field(1024, ge=1)
-    # Passages embedded, searched and written per step: their vectors are never all in memory at once
-    # (exact keeps only each query's best N; FAISS keeps its index). 65,536 x 384 floats = 96 MiB.
-    chunk_size: int = Field(65_536, ge=1)
+    block_size: int = Field(4096, ge=1, description="exact: passages per block of the matrix product.")
+    query_block_size: int = Field(1024, ge=1, description="Queries per block (exact) or per FAISS search call.")
+    chunk_size: int = Field(
+        65_536,
+        ge=1,
+        description="Passages embedded, searched and written per step, so their vectors are never all in memory "
+        "at once (exact keeps each query's best N, FAISS its index): 65,536 x 384 floats take 96 MiB.",
+    )
     ivf: IVFParams = IVFParams()
     hnsw: HNSWParams = HNSWParams()

@@ -17,9 +17,11 @@ class FusionWeights(Section):
     Kept to the millionth (rounded here), so SQL computes R as an exact fraction over integers.
     """
 
-    ql: float = Field(1.0, ge=0, allow_inf_nan=False)  # query likelihood log P(query | passage)
-    rc: float = Field(1.0, ge=0, allow_inf_nan=False)  # relevance classification P(relevant | query, passage)
-    knn: float = Field(0.0, ge=0, allow_inf_nan=False)  # the encoder's own cosine order
+    ql: float = Field(1.0, ge=0, allow_inf_nan=False, description="Query likelihood: log P(query | passage).")
+    rc: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Relevance classification: P(relevant | query, passage)."
+    )
+    knn: float = Field(0.0, ge=0, allow_inf_nan=False, description="The encoder's own cosine order (neighbors).")
 
     @field_validator("ql", "rc", "knn")
     @classmethod
@@ -48,51 +50,82 @@ class SelectParams(Section):
     The negative options keep the names and meanings of sentence-transformers' `mine_hard_negatives`.
     """
 
-    # R = w_ql/(k + r_QL) + w_rc/(k + r_RC) + w_knn/(k + r_knn). Gecko uses k = 0; classic RRF uses
-    # 60, which flattens the top. An integer keeps R an exact fraction, so equal sums are true ties.
-    rrf_k: int = Field(0, ge=0)
-    # Gecko's fusion is {ql: 1, rc: 1, knn: 0}. A ranking with weight 0 is not read (score.methods
-    # may leave it NULL). `judge`: the judge check's `best_weights`, read from judge.metrics_path.
+    rrf_k: int = Field(
+        0,
+        ge=0,
+        description="k of the fusion R = w_ql/(k + r_QL) + w_rc/(k + r_RC) + w_knn/(k + r_knn). Gecko uses 0; "
+        "classic RRF uses 60, which flattens the top.",
+    )  # an integer keeps R an exact fraction, so equal sums are true ties
     weights: Annotated[
         Annotated[FusionWeights, Tag("<numbers>")] | Annotated[Literal["judge"], Tag("<judge>")],
         Discriminator(lambda v: "<judge>" if v == "judge" else "<numbers>"),
-    ] = FusionWeights()
-    # fused: the top passage after fusion (Gecko's p1); seed: the passage the query was generated
-    # from (the paper's p_seed ablation).
-    positive: Literal["fused", "seed"] = "fused"
-    # lowest: the bottom of the fused ranking (Gecko's p_N); random: a draw from the other candidates
-    # fixed by base.seed; range: the best-ranked candidates inside (range_min, range_max].
-    negative: Literal["lowest", "random", "range"] = "lowest"
-    num_negatives: int = Field(1, ge=1)
-    # As in sentence-transformers: skip the range_min best fused ranks; null range_max = no limit.
-    range_min: int = Field(0, ge=0)
-    range_max: int | None = Field(None, ge=1)
-    # False-negative guard (NV-Retriever's TopK-PercPos; sentence-transformers' meaning): drop a
-    # candidate whose encoder score exceeds (1 - relative_margin) x the positive's. 0.05 is
-    # NV-Retriever's best setting (95%). It binds hard when p1 is a passage the encoder ranks low (every
-    # other candidate then scores above it): selection_report counts the queries it leaves without a
-    # negative (queries_all_above_relative_margin). null disables.
-    relative_margin: float | None = Field(0.05, ge=0, lt=1)
-    # Drop a candidate the LLM itself rates relevant (RC log-odds above this). Off by default: log-odds
-    # are not calibrated across LLMs, and a small one says "yes" to most pairs.
-    max_negative_rc_logodds: float | None = None
-    # A query left without a negative: keep it (negative columns null; it still trains against
-    # in-batch negatives) or drop it. Dropped by default, so every triples row is a full triple.
-    keep_without_negative: bool = False
-    # Query filters (sql/query_filters.sql), all off by default; a dropped query gets no positive.
-    # Round-trip consistency (Promptagator): keep a query only if the encoder ranks its seed in its
-    # top round_trip_top_k (a seed outside the mined top N fails, so values above neighbors.top_n
-    # act as top_n).
-    round_trip_top_k: int | None = Field(None, ge=1)
-    # Share of the query's words (lowercased letters/digits runs) found in the seed passage's text:
-    # a query copied from its passage teaches the encoder string matching.
-    max_copy_rate: float | None = Field(None, ge=0, le=1)
-    # Query length in the same words.
-    min_query_words: int | None = Field(None, ge=1)
-    max_query_words: int | None = Field(None, ge=1)
-    # Keep only the first (smallest query_id) of queries equal once lowercased, stripped of
-    # punctuation and whitespace-collapsed; queries dropped by another filter do not count as first.
-    drop_duplicate_queries: bool = False
+    ] = Field(
+        FusionWeights(),
+        description="The rankings' weights in the fusion, {ql, rc, knn} (Gecko's: {ql: 1, rc: 1, knn: 0}); a "
+        "ranking of weight 0 is not read, so score.methods may skip it. judge: the judge stage's best_weights "
+        "(read from judge.metrics_path; run that stage first).",
+    )
+    positive: Literal["fused", "seed"] = Field(
+        "fused",
+        description="fused: the top passage after fusion (Gecko's p1); seed: the passage the query was generated "
+        "from (the paper's p_seed ablation).",
+    )
+    negative: Literal["lowest", "random", "range"] = Field(
+        "lowest",
+        description="lowest: the bottom of the fused ranking (Gecko's p_N); random: a draw from the other "
+        "candidates, seeded by base.seed; range: the best-ranked candidates inside (range_min, range_max], "
+        "the hardest eligible ones.",
+    )
+    num_negatives: int = Field(1, ge=1, description="Hard negatives per query.")
+    range_min: int = Field(
+        0, ge=0, description="range: skip the range_min best fused ranks (the positive's among them)."
+    )
+    range_max: int | None = Field(
+        None, ge=1, description="range: look no deeper than this fused rank; null: to the end of the list."
+    )
+    relative_margin: float | None = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="False-negative guard (NV-Retriever's TopK-PercPos, as in sentence-transformers): drop a "
+        "candidate whose encoder score is above (1 - relative_margin) x the positive's; 0.05 (95 %) is "
+        "NV-Retriever's best setting. It binds hard when the positive is a passage the encoder ranks low: "
+        "selection_report counts the queries it leaves without a negative (queries_all_above_relative_margin). "
+        "null: off.",
+    )
+    max_negative_rc_logodds: float | None = Field(
+        None,
+        description="Drop a candidate the LLM itself rates relevant, RC log-odds above this. null: off, as "
+        "log-odds are not calibrated across LLMs and a small one says yes to most pairs.",
+    )
+    keep_without_negative: bool = Field(
+        False,
+        description="A query left without a negative: true keeps it (negative columns null; it still trains "
+        "against the in-batch negatives), false drops it, so every triples row is a full triple (either way "
+        "counted in selection_report).",
+    )
+    # The query filters below live in sql/query_filters.sql; a query they drop gets no positive.
+    round_trip_top_k: int | None = Field(
+        None,
+        ge=1,
+        description="Round-trip filter (Promptagator): keep a query only if the encoder ranks its seed passage "
+        "in this top k; a seed outside the mined top N fails, so values above neighbors.top_n act as top_n. "
+        "null: off.",
+    )
+    max_copy_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Drop a query sharing more than this share of its words (lowercased runs of letters and "
+        "digits) with its seed passage's text: a copied query teaches the encoder string matching. null: off.",
+    )
+    min_query_words: int | None = Field(None, ge=1, description="Drop queries of fewer words than this; null: off.")
+    max_query_words: int | None = Field(None, ge=1, description="Drop queries of more words than this; null: off.")
+    drop_duplicate_queries: bool = Field(
+        False,
+        description="true: keep only the first (smallest query_id) of queries equal once lowercased, stripped "
+        "of punctuation and whitespace-collapsed; a query another filter drops does not count as first.",
+    )
 
     @field_validator("weights", mode="before")
     @classmethod

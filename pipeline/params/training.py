@@ -12,40 +12,55 @@ from pipeline.params.evaluation import EvalSetParams, RetrievalSetParams
 
 
 class MixParams(Section):
-    """One labelled source mixed into the training batches, as Gecko mixes human-labelled data into FRet.
+    """One labelled source mixed into the training batches, as Gecko mixes human-labelled data into FRet."""
 
-    kind `pairs`: a TSV with header columns sentence1, sentence2, score (the STS Benchmark layout);
-    pairs scoring at least `min_score` are positives, in both directions.
-    kind `classification`: a TSV with header `text label` (Banking77's layout); each text is a query,
-    another text of its label the positive, a text of another label the hard negative (seeded).
-    Both are read unquoted.
-    kind `retrieval`: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); each judged
-    query with `task` is a query, each document judged relevant (score > 0) a positive formatted as
-    a passage; with `hard_negative`, the starting encoder's best-ranked non-relevant document of the
-    folder's corpus is the query's hard negative (else the batch's other passages are the negatives).
-    """
-
-    path: Path
-    kind: Literal["pairs", "classification", "retrieval"] = "pairs"
-    min_score: float = 4.0  # pairs: pairs scoring at least this are positives (STSB scores run 0 to 5)
-    # retrieval: the qrels file read (qrels/<split>.tsv); never a test split.
-    split: str = "train"
-    # Share of all training examples drawn from this source (a pair gives both directions); with
-    # several sources the shares add up and must stay below 1.
-    fraction: float = Field(0.1, gt=0, lt=1)
-    task: str = Field("Retrieve semantically similar text", min_length=1)  # query-side task text
-    # Gecko's symmetric format: both sides formatted as queries with `task` (as evaluate formats STS
-    # pairs and classification texts); false: the other sides are formatted as passages.
-    symmetric: bool = True
-    # true: both sides raw texts, no task and no template (overrides `symmetric`): what evaluate reads
-    # for a category that `eval.prefixes` scores raw (by default every category).
-    raw: bool = False
-    # classification, retrieval: leave out the texts (queries) whose content hash falls in this share:
-    # the dev set of an eval set on the same file or split with the same holdout (never the test split).
-    holdout: float = Field(0.0, ge=0, lt=1)
-    # retrieval: mine each query a hard negative with the starting encoder (encoder.*, as neighbors
-    # mines; its embedding cache serves both): the document it ranks first among the non-relevant.
-    hard_negative: bool = False
+    path: Path = Field(description="The source: a TSV file (pairs, classification) or a BEIR folder (retrieval).")
+    kind: Literal["pairs", "classification", "retrieval"] = Field(
+        "pairs",
+        description="pairs: a TSV with header sentence1, sentence2, score (the STS Benchmark layout); the pairs "
+        "scoring at least min_score are positives, in both directions. classification: a TSV with header `text "
+        "label` (Banking77's layout); each text is a query, another text of its label the positive, a text of "
+        "another label the hard negative (seeded). Both TSVs are read unquoted. retrieval: a BEIR folder "
+        "(corpus.jsonl, queries.jsonl, qrels/<split>.tsv); each judged query with task is a query, each document "
+        "judged relevant (score > 0) a positive formatted as a passage.",
+    )
+    min_score: float = Field(
+        4.0, description="pairs: the pairs scoring at least this are positives (STS Benchmark scores run 0 to 5)."
+    )
+    split: str = Field("train", description="retrieval: the qrels file read, qrels/<split>.tsv; never a test split.")
+    fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of all training examples drawn from this source (a pair gives both directions); "
+        "the shares of several sources add up and must stay below 1.",
+    )
+    task: str = Field(
+        "Retrieve semantically similar text", min_length=1, description="The query-side task description."
+    )
+    symmetric: bool = Field(
+        True,
+        description="pairs, classification: true formats both sides as queries with task (Gecko's symmetric "
+        "format, as evaluate formats STS pairs and classification texts); false formats the other side as a passage.",
+    )
+    raw: bool = Field(
+        False,
+        description="true: both sides raw texts, no task and no template (overrides symmetric): what evaluate "
+        "reads for a category that eval.prefixes scores raw.",
+    )
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="classification, retrieval: leave out the texts (queries) whose content hash falls in this "
+        "share: the dev set of an eval set on the same file or split with the same holdout.",
+    )
+    hard_negative: bool = Field(
+        False,
+        description="retrieval: give each query the starting encoder's best-ranked non-relevant document of the "
+        "folder's corpus as its hard negative (mined as neighbors mines, through the same embedding cache); "
+        "false: the batch's other passages are its only negatives.",
+    )
 
     @model_validator(mode="after")
     def _options_of_kind(self, info: ValidationInfo) -> "MixParams":
@@ -79,8 +94,14 @@ class MixParams(Section):
 class DevParams(Section):
     """Dev sets for model selection while training (`train.eval_every`): never a test split."""
 
-    retrieval: dict[str, RetrievalSetParams] = {}  # name -> BEIR folder; scored by nDCG@10
-    sts: dict[str, EvalSetParams] = {}  # name -> folder holding <split>.tsv; scored by cosine Spearman
+    retrieval: dict[str, RetrievalSetParams] = Field(
+        {},
+        description="Name -> BEIR folder, as eval.retrieval (scored by nDCG@10), e.g. {scifact_dev: {path: "
+        "data/sample, split: train, holdout: 0.5, task: Given a scientific claim, ...}}.",
+    )
+    sts: dict[str, EvalSetParams] = Field(
+        {}, description="Name -> folder holding <split>.tsv, as eval.sts (scored by the cosines' Spearman)."
+    )
 
     @model_validator(mode="after")
     def _dev_splits_only(self, info: ValidationInfo) -> "DevParams":
@@ -110,56 +131,102 @@ class DevParams(Section):
 class TrainParams(Section):
     """Stage `train`: contrastive fine-tuning of the encoder on `triples` with Gecko's loss."""
 
-    lr: float = Field(2e-5, gt=0)
-    temperature: float = Field(0.05, gt=0)  # cosine / temperature; 0.05 = sentence-transformers' scale 20
-    batch_size: int = Field(32, ge=2)  # in-batch negatives need at least one other example
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # set: exactly this many steps, epochs ignored
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)  # share of the steps spent warming up linearly
-    weight_decay: float = Field(0.01, ge=0)  # AdamW; biases and LayerNorm weights are not decayed
-    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
-    # Dropout on the attention probabilities while training; null keeps the model's (MiniLM: 0.1).
-    # 0 by default: on CPU a non-zero value sends every attention through PyTorch's unfused SDPA
-    # path, and training ran 1.8x slower (bench/train.py side by side: 3.28 vs 5.96 examples/s) for
-    # no measured quality (README, "Quality levers"). The other dropouts stay the model's.
-    attention_dropout: float | None = Field(0.0, ge=0, lt=1)
-    # Matryoshka: the loss is averaged over these leading sub-dimensions (strictly decreasing); the
-    # model's full dimension is always included. [] trains the full dimension only.
-    mrl_dims: list[int] = [384, 256, 128, 64]
-    # Labelled sources mixed in: one mapping (the original form), a list of them, or null.
-    mix: list[MixParams] = []
-    # Task types (generate.task_types) whose positive and negative are formatted like the query, with
-    # the same task (Gecko's symmetric format); [] formats every passage as a passage.
-    symmetric_task_types: list[str] = ["sentence similarity"]
-    # Autocast dtype while training (weights, optimizer and loss stay float32). auto: bfloat16 on a
-    # GPU or CPU that computes it natively (CUDA bf16, AVX512-BF16, AMX), else float32.
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # Batches of similar token length (less padding), drawn from seeded random windows of 16 batches.
-    # Off by default: copies of a query have equal lengths and so share a batch, where the positive
-    # of one copy is a false negative for the other that the mask does not catch. Either way the
-    # batches (hence the in-batch negatives) are fixed by base.seed.
-    group_by_length: bool = False
-    # Data-parallel processes (one per GPU; on CPU they share the cores). Above 1 the stage
-    # relaunches itself under torchrun; the global batch is still batch_size.
-    nproc_per_node: int = Field(1, ge=1)
-    output: Path = Path("models/fret-encoder")  # sentence-transformers folder
-    # Soft-label distillation (GPL / UPR style): the loss adds distill_weight x KL(teacher || student)
-    # over `distill_candidates` of each query's LLM-scored candidates (table distill_candidates).
-    # 0 = off: training is then exactly the contrastive one.
-    distill_weight: float = Field(0.0, ge=0)
-    # The teacher: ql_sum = log P(query | passage), whose softmax over the candidates is the LLM's
-    # posterior over them (uniform prior) at distill_temperature 1; ql_mean = the same per query token.
-    distill_score: Literal["ql_sum", "ql_mean"] = "ql_sum"
-    distill_temperature: float = Field(1.0, gt=0)  # teacher logits = teacher_score / distill_temperature
-    # Candidates per query in the KL (positive and hard negative always among them when scored).
-    distill_candidates: int = Field(4, ge=2)
-    # Model selection: score train.dev every eval_every steps (and at step 0 and the end) and save
-    # the best step's weights. null = off: the last step's weights are saved.
-    eval_every: int | None = Field(None, ge=1)
-    # Crash recovery: save model, optimizer, RNG and data position every checkpoint_every steps under
-    # .fret/checkpoints/train/ (outside the DVC outs); a re-run with the same params, seed and data
-    # continues from there and ends with the uninterrupted run's weights. null = off.
-    checkpoint_every: int | None = Field(50, ge=1)
+    lr: float = Field(2e-5, gt=0, description="AdamW's peak learning rate (in YAML write the dot: 2.0e-5).")
+    temperature: float = Field(
+        0.05, gt=0, description="Softmax over cosine / temperature; 0.05 is sentence-transformers' scale 20."
+    )
+    batch_size: int = Field(
+        32,
+        ge=2,
+        description="Examples per step; each one's in-batch negatives are the other examples' positives, "
+        "negatives and queries.",
+    )
+    epochs: int = Field(1, ge=1, description="Passes over the training examples (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Set: exactly this many steps, epochs ignored.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the steps spent warming up linearly.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's; biases and LayerNorm weights are not decayed.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping's norm; null: no clipping.")
+    attention_dropout: float | None = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the attention probabilities while training; null: the model's (MiniLM: 0.1). "
+        "0 keeps PyTorch's fused SDPA path: on CPU a non-zero value makes training much slower, for no measured "
+        "gain in quality (docs/levers.md). The other dropouts stay the model's.",
+    )
+    mrl_dims: list[int] = Field(
+        [384, 256, 128, 64],
+        description="Matryoshka: the loss is averaged over these leading sub-dimensions, largest first (the "
+        "model's full dimension always among them); []: the full dimension only.",
+    )
+    mix: list[MixParams] = Field(
+        [],
+        description="Labelled sources mixed into the batches (Gecko mixes human-labelled data into FRet): one "
+        "mapping, a list of them, or null (generated triples only), e.g. [{path: data/eval/stsb/train.tsv, "
+        "fraction: 0.1}, {path: data/eval/banking77/train.tsv, kind: classification, fraction: 0.1, holdout: "
+        "0.2, task: Given a online banking query, find the corresponding intents}]. A holdout keeps a share out "
+        "for the eval set (eval.classification, eval.retrieval, train.dev.retrieval) with the same file or "
+        "split and holdout.",
+    )
+    symmetric_task_types: list[str] = Field(
+        ["sentence similarity"],
+        description="Task types (generate.task_types) whose positive and negative are formatted like the query, "
+        "with its task (Gecko's symmetric format); []: every passage is formatted as a passage.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Autocast while training (weights, optimizer and loss stay float32). auto: bfloat16 on a GPU "
+        "or CPU that computes it natively (CUDA, AVX512-BF16, AMX), else float32.",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="true: batches of similar token length (less padding), drawn from seeded windows of 16 "
+        "batches. Copies of a query then share a batch, where one copy's positive is a false negative the mask "
+        "does not catch. Either way base.seed fixes the batches.",
+    )
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel processes (one per GPU; on CPU they share the cores). Above 1 the stage "
+        "relaunches itself under torchrun; the global batch stays batch_size.",
+    )
+    output: Path = Field(
+        Path("models/fret-encoder"),
+        description="The trained model: a sentence-transformers folder (with fret_training.json and a model card).",
+    )
+    distill_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Above 0: soft-label distillation (GPL / UPR style), the loss adds distill_weight x "
+        "KL(teacher || student) over each query's LLM-scored candidates (table distill_candidates); 0: the "
+        "contrastive loss alone.",
+    )
+    distill_score: Literal["ql_sum", "ql_mean"] = Field(
+        "ql_sum",
+        description="The teacher: ql_sum = log P(query | passage), whose softmax over the candidates is the LLM's "
+        "posterior over them (uniform prior) at distill_temperature 1; ql_mean: the same per query token.",
+    )
+    distill_temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Teacher logits = teacher score / distill_temperature (the student's: cosine / temperature).",
+    )
+    distill_candidates: int = Field(
+        4, ge=2, description="Candidates per query in the KL; the positive and hard negative always among them."
+    )
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Model selection: score train.dev every N steps (and at step 0 and the end) and save the best "
+        "step's weights; null: the last step's weights are saved.",
+    )
+    checkpoint_every: int | None = Field(
+        50,
+        ge=1,
+        description="Crash recovery: save model, optimizer, RNG and data position every N steps under "
+        ".fret/checkpoints/train/ (outside the DVC outs); a re-run with the same params, seed and data continues "
+        "there and ends with the uninterrupted run's weights. null: off.",
+    )
     dev: DevParams = DevParams()
 
     @field_validator("mix", mode="before")
