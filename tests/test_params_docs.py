@@ -1,0 +1,70 @@
+"""The parameters' one source: descriptions in the code, docs/params.md generated from them, code
+defaults equal to the shipped params.yaml (or named in GECKO)."""
+
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.params import Params, load_params
+from pipeline.params.docs import describe, differing_defaults, markdown, param_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+REGENERATE = "fret params --markdown > docs/params.md"
+
+
+def shipped() -> Params:
+    return load_params(ROOT / "params.yaml")
+
+
+def test_every_key_has_a_description():
+    missing = [key.path for key in param_keys() if not key.description.strip()]
+    assert missing == [], f"give these fields Field(..., description=...) (sections: a docstring): {missing}"
+
+
+def test_keys_walk_nested_sections_lists_and_sets():
+    keys = {key.path: key for key in param_keys()}
+    assert keys["neighbors.ivf"].section and keys["neighbors.ivf.nprobe"].default == 32
+    assert keys["select.weights"].type == "mapping | judge" and keys["select.weights.rc"].default == 1.0
+    assert keys["train.mix[].path"].required and keys["train.mix[].kind"].type == "pairs | classification | retrieval"
+    assert keys["eval.retrieval.<name>.holdout"].type == "float, >= 0, < 1"
+    assert keys["base.threads"].type == "int, >= 1, <= 512" and keys["llm.device"].type == "auto | cpu | cuda | null"
+
+
+def test_docs_params_md_is_what_the_code_generates():
+    written = (ROOT / "docs" / "params.md").read_text(encoding="utf-8")
+    assert written == markdown(shipped()), f"docs/params.md is stale: regenerate it with `{REGENERATE}`"
+
+
+def test_markdown_names_a_value_that_differs_from_the_default(tmp_path):
+    (tmp_path / "params.yaml").write_text("neighbors:\n  ivf:\n    nprobe: 7\n")
+    params = load_params(tmp_path / "params.yaml")
+    assert differing_defaults(params) == {"neighbors.ivf.nprobe": (32, 7)}
+    rows = {line.split(" | ")[0]: line for line in markdown(params).splitlines() if line.startswith("| `")}
+    assert rows["| `neighbors.ivf.nprobe`"].endswith("**params.yaml ships `7`** |")
+    assert "qrels/&lt;split>.tsv" in rows["| `eval.retrieval`"]  # not an HTML tag outside code spans
+
+
+def test_describe_prints_values_defaults_and_descriptions(tmp_path):
+    (tmp_path / "params.yaml").write_text("neighbors:\n  top_n: 7\nselect:\n  weights: judge\n")
+    text = describe(load_params(tmp_path / "params.yaml"))
+    assert f"neighbors.top_n: 7  (code default: {Params().neighbors.top_n})\n    Candidates mined per query" in text
+    assert "select.weights: judge  (code default: {ql: " in text
+    assert "select.weights.ql  (default: 1.0)" in text  # no value of its own while weights is `judge`
+    assert "train.mix[].path  (required)\n    The source:" in text
+    assert "\n[neighbors.ivf]\n    FAISS IndexIVFFlat" in text
+
+
+def test_fret_params_modes(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  seed: 3\n")
+    runner = CliRunner()
+    described = runner.invoke(main, ["params", "--params", str(path)])
+    assert described.exit_code == 0 and "base.seed: 3  (code default: 42)\n    Every random choice" in described.output
+    values = runner.invoke(main, ["params", "--params", str(path), "--values"])
+    assert yaml.safe_load(values.output) == load_params(path).model_dump(mode="json")
+    docs = runner.invoke(main, ["params", "--params", str(path), "--markdown"])
+    assert docs.output == markdown(load_params(path))
+    bad = runner.invoke(main, ["params", "--params", str(tmp_path / "missing.yaml")])
+    assert bad.exit_code != 0 and "params file not found" in bad.output
