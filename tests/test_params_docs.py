@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.params import Params, load_params
 from pipeline.params.docs import describe, differing_defaults, markdown, param_keys
+from pipeline.params.gecko import GECKO
 
 ROOT = Path(__file__).resolve().parents[1]
 REGENERATE = "fret params --markdown > docs/params.md"
@@ -68,3 +69,39 @@ def test_fret_params_modes(tmp_path):
     assert docs.output == markdown(load_params(path))
     bad = runner.invoke(main, ["params", "--params", str(tmp_path / "missing.yaml")])
     assert bad.exit_code != 0 and "params file not found" in bad.output
+
+
+def test_code_defaults_equal_params_yaml_or_are_named_in_gecko():
+    differing = differing_defaults(shipped())
+    unnamed = {key: f"code {code!r}, params.yaml {ours!r}" for key, (code, ours) in differing.items() if key not in GECKO}
+    assert not unnamed, f"code defaults that differ from params.yaml (make them equal, or name them in GECKO): {unnamed}"
+    stale = sorted(set(GECKO) - set(differing))
+    assert not stale, f"GECKO names keys whose code default equals params.yaml's value: {stale}"
+
+
+def test_gecko_values_are_the_code_defaults():
+    for key, setting in GECKO.items():
+        value = Params().model_dump(mode="json")
+        for part in key.split("."):
+            value = value[part]
+        assert value == setting.value, key
+
+
+def test_params_yaml_comments_are_one_line_per_key():
+    lines = (ROOT / "params.yaml").read_text(encoding="utf-8").splitlines()
+    first_key = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    blocks = [i + 1 for i, line in enumerate(lines) if i > first_key and line.lstrip().startswith("#")]
+    assert blocks == [], f"params.yaml lines {blocks}: comment blocks belong in the field's description"
+
+
+def test_params_yaml_values_read_only_what_a_clone_has():
+    # Only data/sample travels into the tests' scratch repositories, and nothing reads ../shared any more.
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    values = strings(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    assert [v for v in values if "data/eval" in v or "../shared" in v] == []

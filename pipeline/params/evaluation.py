@@ -105,7 +105,13 @@ class EvalParams(Section):
 
     # Every category: set name -> set; the names become the task keys in metrics/eval.json.
     retrieval: dict[str, RetrievalSetParams] = Field(
-        {"scifact_sample": RetrievalSetParams(path=Path("data/sample"), task=SAMPLE_TASK)},
+        {
+            # The dev set: the sample's train claims that the default train.mix leaves out (same split and holdout).
+            "scifact_sample_dev": RetrievalSetParams(
+                path=Path("data/sample"), split="train", holdout=0.5, task=SAMPLE_TASK
+            ),
+            "scifact_sample": RetrievalSetParams(path=Path("data/sample"), task=SAMPLE_TASK),
+        },
         description="Name -> BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), scored by nDCG@10.",
     )
     sts: dict[str, EvalSetParams] = Field(

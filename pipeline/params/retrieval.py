@@ -46,10 +46,11 @@ class EncoderParams(Section):
     )
     empty_title: str = Field("none", description="Written in place of a missing or blank title.")
     pool_instruction: bool = Field(
-        True,
+        False,
         description="false: the query template's instruction (`task: ... | query: `) conditions the text through "
         "attention but is left out of the mean pooling (as INSTRUCTOR does; sentence-transformers' "
-        "include_prompt: false); true: every token is pooled.",
+        "include_prompt: false), which scored better on the dev splits measured (docs/levers.md); true: every "
+        "token is pooled.",
     )
     cache_path: Path | None = Field(
         Path(".fret/cache/embeddings.duckdb"),
@@ -112,10 +113,11 @@ class NeighborsParams(Section):
     """Stage `neighbors`: each generated query's top N passages by cosine, exact or through a FAISS index."""
 
     top_n: int = Field(
-        20,
+        10,
         ge=2,
         description="Candidates mined per query, each scored by the LLM (llm_scores) and fused into the ranking "
-        "that picks positive and negatives. Gecko's ablations use 20.",
+        "that picks positive and negatives. Gecko's ablations use 20; 10 halves the LLM's scoring (llm_scores, "
+        "judge) and ranked as well on dev data.",
     )
     method: Literal["exact", "faiss_flat", "faiss_ivf", "faiss_hnsw"] = Field(
         "exact",

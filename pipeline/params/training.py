@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pipeline.params.base import Section, sources_as_list, under_root
+from pipeline.params.base import SAMPLE_TASK, Section, sources_as_list, under_root
 from pipeline.params.evaluation import EvalSetParams, RetrievalSetParams
 
 
@@ -64,7 +64,9 @@ class MixParams(Section):
 
     @model_validator(mode="after")
     def _options_of_kind(self, info: ValidationInfo) -> "MixParams":
-        given = self.model_fields_set
+        # Another kind's option is an error only when it says something: a source dumped with every
+        # default written out (fret_training.json) must validate again.
+        given = {f for f in self.model_fields_set if getattr(self, f) != type(self).model_fields[f].default}
         if self.kind == "pairs" and self.holdout > 0:
             raise ValueError("holdout applies to kind: classification or retrieval only")
         if self.kind != "pairs" and "min_score" in given:
@@ -74,7 +76,7 @@ class MixParams(Section):
         if self.kind != "retrieval" and self.hard_negative:
             raise ValueError("hard_negative applies to kind: retrieval only (classification draws its own negatives)")
         if self.kind == "retrieval":
-            self._check_retrieval(given)
+            self._check_retrieval(given | ({"task"} & self.model_fields_set))
         full = under_root(self.path, info)
         if full is not None:
             needed = full / "qrels" / f"{self.split}.tsv" if self.kind == "retrieval" else full
@@ -89,6 +91,14 @@ class MixParams(Section):
             raise ValueError("symmetric applies to kinds pairs and classification (retrieval positives are passages)")
         if self.split.lower().startswith("test"):
             raise ValueError(f"split {self.split!r}: training on a test split's queries would void its scores")
+
+
+# The sample's labelled train claims outside a 0.5 holdout, each with the starting encoder's best-ranked
+# non-relevant abstract as hard negative: the default mix.
+SAMPLE_CLAIMS = MixParams(
+    kind="retrieval", path=Path("data/sample"), split="train", holdout=0.5, fraction=0.8, hard_negative=True,
+    task=SAMPLE_TASK,
+)  # fmt: skip
 
 
 class DevParams(Section):
@@ -141,7 +151,7 @@ class TrainParams(Section):
         description="Examples per step; each one's in-batch negatives are the other examples' positives, "
         "negatives and queries.",
     )
-    epochs: int = Field(1, ge=1, description="Passes over the training examples (ignored when max_steps is set).")
+    epochs: int = Field(3, ge=1, description="Passes over the training examples (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Set: exactly this many steps, epochs ignored.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the steps spent warming up linearly.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW's; biases and LayerNorm weights are not decayed.")
@@ -160,13 +170,14 @@ class TrainParams(Section):
         "model's full dimension always among them); []: the full dimension only.",
     )
     mix: list[MixParams] = Field(
-        [],
+        [SAMPLE_CLAIMS],
         description="Labelled sources mixed into the batches (Gecko mixes human-labelled data into FRet): one "
         "mapping, a list of them, or null (generated triples only), e.g. [{path: data/eval/stsb/train.tsv, "
         "fraction: 0.1}, {path: data/eval/banking77/train.tsv, kind: classification, fraction: 0.1, holdout: "
         "0.2, task: Given a online banking query, find the corresponding intents}]. A holdout keeps a share out "
         "for the eval set (eval.classification, eval.retrieval, train.dev.retrieval) with the same file or "
-        "split and holdout.",
+        "split and holdout. By default the sample's labelled train claims outside a 0.5 holdout "
+        "(eval.retrieval.scifact_sample_dev scores the other half).",
     )
     symmetric_task_types: list[str] = Field(
         ["sentence similarity"],
