@@ -123,8 +123,8 @@ def markdown(shipped: Params) -> str:
         default = "" if key.section else "(required)" if key.required else f"`{yaml_value(key.default)}`"
         text = key.description
         if key.path in diffs:
-            text += f" **params.yaml ships `{yaml_value(diffs[key.path][1])}`"
-            text += f": the default is the Gecko paper's setting; {GECKO[key.path].why}**" if key.path in GECKO else "**"
+            why = f": the default is the Gecko paper's setting; {GECKO[key.path].why}" if key.path in GECKO else ""
+            text += f" **params.yaml ships `{yaml_value(diffs[key.path][1])}`{why}**"
         out.append(f"| `{key.path}` | {_cell(key.type)} | {_cell(default)} | {_cell(text)} |")
     return "\n".join(out) + "\n"
 
