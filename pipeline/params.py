@@ -161,6 +161,16 @@ class HNSWParams(Section):
     ef_search: int = Field(128, ge=1)  # candidate list per query (FAISS's efSearch); raised to N if lower
 
 
+class BM25Params(Section):
+    """The lexical teacher (pipeline/retrieval/bm25.py): BM25 over the passages' title and text."""
+
+    k1: float = Field(0.9, gt=0)  # BEIR's setting: k1 0.9, b 0.4
+    b: float = Field(0.4, ge=0, le=1)
+    # Hybrid mining: each query's top_n passages by BM25 join the encoder's top N (a union, as
+    # InPars and DPR mine with BM25); 0 = the encoder's candidates only (BM25 still ranks them).
+    top_n: int = Field(0, ge=0)
+
+
 class NeighborsParams(Section):
     """Top-N mining of candidate passages for each generated query: exact, or through a FAISS index."""
 
@@ -176,10 +186,13 @@ class NeighborsParams(Section):
     chunk_size: int = Field(65_536, ge=1)
     ivf: IVFParams = IVFParams()
     hnsw: HNSWParams = HNSWParams()
+    # Every mined pair also gets its BM25 rank among the query's candidates (bm25_rank); a union
+    # with BM25's own top passages when bm25.top_n > 0.
+    bm25: BM25Params = BM25Params()
 
 
 class FusionWeights(Section):
-    """Weights of the three rankings fused by sql/fused_ranks.sql: R = sum of w / (k + rank).
+    """Weights of the rankings fused by sql/fused_ranks.sql: R = sum of w / (k + rank).
 
     Kept to the millionth (rounded here), so SQL computes R as an exact fraction over integers.
     """
@@ -187,21 +200,22 @@ class FusionWeights(Section):
     ql: float = Field(1.0, ge=0, allow_inf_nan=False)  # query likelihood log P(query | passage)
     rc: float = Field(1.0, ge=0, allow_inf_nan=False)  # relevance classification P(relevant | query, passage)
     knn: float = Field(0.0, ge=0, allow_inf_nan=False)  # the encoder's own cosine order
+    bm25: float = Field(0.0, ge=0, allow_inf_nan=False)  # BM25's order (neighbors: bm25_rank)
 
-    @field_validator("ql", "rc", "knn")
+    @field_validator("ql", "rc", "knn", "bm25")
     @classmethod
     def _to_the_millionth(cls, value: float) -> float:
         return round(value, 6)
 
     @model_validator(mode="after")
     def _not_all_zero(self) -> "FusionWeights":
-        if not (self.ql or self.rc or self.knn):
-            raise ValueError("at least one of ql, rc, knn must be above 0 (weights count to the millionth)")
+        if not (self.ql or self.rc or self.knn or self.bm25):
+            raise ValueError("at least one of ql, rc, knn, bm25 must be above 0 (weights count to the millionth)")
         return self
 
     @classmethod
     def parse(cls, value: Any) -> "FusionWeights":
-        """Validate a `{ql, rc, knn}` mapping; ValueError with one line per problem."""
+        """Validate a `{ql, rc, knn, bm25}` mapping; ValueError with one line per problem."""
         try:
             return cls.model_validate(value)
         except ValidationError as err:
@@ -302,8 +316,12 @@ class SelectParams(Section):
         except (OSError, ValueError) as err:
             raise ParamsError(f"{problem} is not readable JSON ({err}): {hint}") from None
         best = data.get("best_weights") if isinstance(data, dict) else None
-        if not isinstance(best, dict) or set(best) != set(FusionWeights.model_fields):
-            raise ParamsError(f"{problem} has no best_weights object with keys ql, rc, knn (got {best!r}): {hint}")
+        # A judge file from before BM25 was a signal has no bm25 key: a missing weight is 0.
+        if not isinstance(best, dict) or not best or not set(best) <= set(FusionWeights.model_fields):
+            raise ParamsError(
+                f"{problem} has no best_weights object with keys among ql, rc, knn, bm25 (got {best!r}): {hint}"
+            )
+        best = {name: best.get(name, 0.0) for name in FusionWeights.model_fields}
         try:
             return FusionWeights.parse(best)
         except ValueError as err:
@@ -578,7 +596,9 @@ class TrainParams(Section):
     distill_weight: float = Field(0.0, ge=0)
     # The teacher: ql_sum = log P(query | passage), whose softmax over the candidates is the LLM's
     # posterior over them (uniform prior) at distill_temperature 1; ql_mean = the same per query token.
-    distill_score: Literal["ql_sum", "ql_mean"] = "ql_sum"
+    # fused: the fused teacher's own score (sql/fused_ranks.sql's R, every selected signal), as a
+    # logit over the candidates.
+    distill_score: Literal["ql_sum", "ql_mean", "fused"] = "ql_sum"
     distill_temperature: float = Field(1.0, gt=0)  # teacher logits = teacher_score / distill_temperature
     # Candidates per query in the KL (positive and hard negative always among them when scored).
     distill_candidates: int = Field(4, ge=2)
@@ -590,6 +610,11 @@ class TrainParams(Section):
     # continues from there and ends with the uninterrupted run's weights. null = off.
     checkpoint_every: int | None = Field(50, ge=1)
     dev: DevParams = DevParams()
+    # The control: the same recipe without the LLM's data. true: after the model, train a second
+    # one on the train.mix examples alone (the very examples the model mixed in, same settings) and
+    # save it at control_output; evaluate scores it beside base and trained, with paired intervals.
+    control: bool = False
+    control_output: Path = Path("models/fret-control")
 
     @field_validator("mix", mode="before")
     @classmethod
@@ -617,6 +642,8 @@ class TrainParams(Section):
     def _distill_and_selection_usable(self) -> "TrainParams":
         if self.distill_weight > 0 and self.nproc_per_node > 1:
             raise ValueError("distill_weight > 0 trains in one process only: set nproc_per_node: 1")
+        if self.control and not self.mix:
+            raise ValueError("control: true trains on the train.mix examples alone, and train.mix is empty")
         if self.eval_every is not None and not (self.dev.retrieval or self.dev.sts):
             raise ValueError("eval_every is set but train.dev names no dev set (retrieval or sts)")
         return self
@@ -776,7 +803,9 @@ class ScoreParams(Section):
     # The scores computed: ql (query likelihood), rc (relevance classification). [ql] halves the LLM
     # work (a small LLM's RC is close to noise); a method left out has NULL scores and ranks. Cached
     # prompts stay valid either way: the cache holds one entry per prompt.
-    methods: list[Literal["ql", "rc"]] = Field(["ql", "rc"], min_length=1)
+    # []: no LLM work at all; the stage writes the mined pairs with NULL scores, for a selection
+    # that fuses only knn and bm25.
+    methods: list[Literal["ql", "rc"]] = Field(["ql", "rc"])
 
     @field_validator("methods")
     @classmethod
@@ -801,6 +830,9 @@ class JudgeParams(Section):
     # seeded sample of the others, K in all (embedding a large corpus dominates the cost).
     max_corpus: int | None = Field(None, ge=1)
     metrics_path: Path = Path("metrics/judge.json")
+    # More LLMs to judge beside llm.model, by QL (each a model name as llm.model takes, loaded with
+    # the same llm settings): each is a signal of its own, ql@<name>, in the table and the grid.
+    models: list[str] = []
 
     @field_validator("split")
     @classmethod

@@ -267,6 +267,16 @@ def _scores_table(requests: list[ScoreRequest], done: dict[str, Any], llm: str, 
     return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
 
 
+def unscored_table(pairs: pa.Table) -> pa.Table:
+    """The `llm_scores` rows of `score.methods: []`: every mined pair, no LLM score (NULL), so the
+    selection downstream fuses only the encoder's and BM25's ranks."""
+    rows = [
+        {"query_id": q, "passage_id": p, "knn_rank": k, "llm": "none"}
+        for q, p, k in zip(*(pairs.column(c).to_pylist() for c in ("query_id", "passage_id", "knn_rank")))
+    ]
+    return rank_scores(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA))
+
+
 def rank_scores(scores: pa.Table) -> pa.Table:
     """`scores` with `ql_rank` and `rc_rank` per query (1 = highest score; ties by knn_rank, then id)."""
     import duckdb

@@ -120,7 +120,7 @@ def neighbors_table(n_queries: int = 10, n_passages: int = 10, top_n: int = 6):
 
     rows = [
         {"query_id": f"q{q:02d}", "passage_id": f"d{(q + k) % n_passages:02d}#0", "knn_rank": k + 1,
-         "knn_score": 1.0 - k / 10}
+         "knn_score": 1.0 - k / 10, "bm25_rank": top_n - k, "bm25_score": float(k), "mined_by": "knn"}
         for q in range(n_queries) for k in range(top_n)
     ]  # fmt: skip
     return pa.Table.from_pylist(rows)
