@@ -101,10 +101,10 @@ def test_subpackages_import_their_siblings_by_module():
     assert {m: d for m, d in bad.items() if d} == {}
 
 
-def runs(stage_module: str) -> set[str]:
-    """Files a stage module runs: what it imports, transitively, with the packages on the way."""
+def reached(module: str) -> set[str]:
+    """Modules that importing `module` runs: its imports, transitively, with the packages on the way."""
     seen: set[str] = set()
-    todo = [stage_module]
+    todo = [module]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -113,7 +113,29 @@ def runs(stage_module: str) -> set[str]:
         for dep in imported(module_file(name)):
             parts = dep.split(".")
             todo += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return {str(module_file(m).relative_to(ROOT)) for m in seen}
+    return seen
+
+
+def runs(stage_module: str) -> set[str]:
+    """Files a stage module runs."""
+    return {str(module_file(m).relative_to(ROOT)) for m in reached(stage_module)}
+
+
+def test_llm_never_reaches_evaluation():
+    """Generation and scoring sit below evaluation (the judge uses them): not even a lazy import, or
+    one through another pipeline module, may lead from pipeline/llm into pipeline/evaluation."""
+    upward = {
+        m: sorted(d for d in reached(m) if d.startswith("pipeline.evaluation"))
+        for m in graph("pipeline")
+        if m.startswith("pipeline.llm")
+    }
+    assert {m: d for m, d in upward.items() if d} == {}
+
+
+def test_labelled_data_is_the_bottom_floor():
+    """The eval sets' readers and the seeded hashes import no other pipeline module, so generation,
+    training and evaluation can all read them without depending on each other."""
+    assert reached("pipeline.labelled") == {"pipeline.labelled"}
 
 
 def test_python_stage_deps_are_the_modules_they_run():

@@ -337,7 +337,7 @@ def test_read_mix_source_retrieval(tmp_path, monkeypatch):
 
 def test_retrieval_mix_holdout_leaves_out_exactly_the_dev_set():
     """The mix trains on the queries the eval set with the same split and holdout does not score."""
-    from pipeline.evaluation.mteb_eval import read_beir
+    from pipeline.labelled import read_beir
 
     sample = Path(__file__).resolve().parent.parent / "data" / "sample"
     trained = read_retrieval_examples(sample, "train", "Find", TextFormat(), holdout=0.3)

@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.labelled import read_beir, split_queries, stable_int
 from pipeline.llm.base import Decoding, JsonLLM
 from pipeline.llm.cache import CacheEntry, LLMCache, cache_key
 from pipeline.params import FewShotParams, GenerateParams
@@ -69,12 +70,6 @@ class GenerationResult:
     failures: pa.Table
     report: pa.Table
     stats: dict[str, float] = field(default_factory=dict)
-
-
-def stable_int(*parts: Any) -> int:
-    """A 63-bit integer from the parts' JSON: the same parts give the same number on every machine."""
-    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":"), default=str).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def sample_passages(passage_ids: Sequence[str], limit: int | None, seed: int) -> list[str]:
@@ -154,8 +149,6 @@ def few_shot_examples(source: FewShotParams, seed: int, max_words: int) -> list[
         ValueError: the folder's files are missing or malformed (file named), the task does not fit
             the schema, or fewer than `n` queries are usable.
     """
-    from pipeline.evaluation.mteb_eval import read_beir, split_queries
-
     folder = source.path  # relative to the working directory, the repository root for the stages
     try:
         GeneratedQuery(task=source.task, query="a query that fits")

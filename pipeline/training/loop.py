@@ -200,12 +200,12 @@ def read_labelled_examples(
 
     Args:
         holdout: texts whose content hash falls in this share are left out: the dev set that
-            `eval.classification` scores with the same holdout (`pipeline.evaluation.mteb_eval.held_out`).
+            `eval.classification` scores with the same holdout (`pipeline.labelled.held_out`).
 
     Raises:
-        pipeline.evaluation.mteb_eval.EvalDataError (a ValueError): a malformed file (file and line named).
+        pipeline.labelled.EvalDataError (a ValueError): a malformed file (file and line named).
     """
-    from pipeline.evaluation.mteb_eval import held_out, read_labelled
+    from pipeline.labelled import held_out, read_labelled
 
     data = read_labelled(Path(path))
     by_label: dict[str, list[str]] = {}
@@ -273,10 +273,10 @@ def read_retrieval_examples(
             the negatives.
 
     Raises:
-        pipeline.evaluation.mteb_eval.EvalDataError (a ValueError): missing or malformed files (file
+        pipeline.labelled.EvalDataError (a ValueError): missing or malformed files (file
             and line named), or no relevant judgment left to train on.
     """
-    from pipeline.evaluation.mteb_eval import EvalDataError, read_beir, split_queries
+    from pipeline.labelled import EvalDataError, read_beir, split_queries
 
     data = read_beir(Path(folder), split)
     if holdout > 0:
