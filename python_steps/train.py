@@ -62,9 +62,9 @@ def run(params: Params, world: World, started: float) -> None:
         Encoder, EncoderError, TextFormat, instruction_format, pick_device, training_dtype,
     )  # fmt: skip
     from pipeline.training.checkpoint import Checkpoint
-    from pipeline.training.loop import (
-        mix_sources, read_candidates, read_mix_source, read_triples, train, training_config, write_model,
-    )  # fmt: skip
+    from pipeline.training.data import mix_sources, read_candidates, read_mix_source, read_triples
+    from pipeline.training.loop import train
+    from pipeline.training.model_card import training_config, write_model
     from pipeline.training.model_selection import DevScorer
 
     enc, tp = params.encoder, params.train
