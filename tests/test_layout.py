@@ -132,6 +132,19 @@ def test_llm_never_reaches_evaluation():
     assert {m: d for m, d in upward.items() if d} == {}
 
 
+def test_one_module_decides_what_auto_picks():
+    """Only pipeline/device.py asks the hardware about bf16, so the encoder, training and the LLM
+    cannot resolve `dtype: auto` by different rules on one machine."""
+    probes = ("bf16_supported", "_is_amx_tile_supported")
+    askers = sorted(
+        str(path.relative_to(ROOT))
+        for folder in ("pipeline", "python_steps")
+        for path in (ROOT / folder).rglob("*.py")
+        if any(probe in path.read_text() for probe in probes)
+    )
+    assert askers == ["pipeline/device.py"]
+
+
 def test_labelled_data_is_the_bottom_floor():
     """The eval sets' readers and the seeded hashes import no other pipeline module, so generation,
     training and evaluation can all read them without depending on each other."""
