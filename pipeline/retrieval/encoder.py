@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.device import DeviceError, resolve_device, resolve_dtype
+from pipeline.progress import progress_bar
 from pipeline.warehouse.files import _alive
 
 DEFAULT_MODEL = "minilm"
@@ -451,11 +452,7 @@ class Encoder:
         ids = self.tokenize(texts)
         spans = self._instruction_spans(texts, ids)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), unit="text", desc=f"encode {self.name}", smoothing=0.1)
+        bar = progress_bar(len(ids), f"encode {self.name}", "text", progress)
         was_training = self.module.training
         self.module.eval()
         try:

@@ -25,6 +25,7 @@ import torch
 from pipeline.training.checkpoint import Checkpoint, agreed_state, rng_state, set_rng_state
 from pipeline.training.distributed import World, broadcast_weights, gather_rows, sum_gradients
 from pipeline.training.losses import Candidate, DistillLoss, Example, GeckoLoss, candidate_mask, mrl_dims
+from pipeline.progress import progress_bar
 from pipeline.training.model_selection import ModelSelector, Scorer
 
 # group_by_length sorts this many batches' worth of examples at a time: wide enough that batches
@@ -312,7 +313,7 @@ def train(
     if world.size > 1:
         broadcast_weights(encoder.module)
     optimizer = make_optimizer(encoder.module, params.lr, params.weight_decay)
-    bar = _progress_bar(planned_examples(len(examples), params.batch_size, total), encoder.name) if progress else None
+    bar = progress_bar(planned_examples(len(examples), params.batch_size, total), f"train {encoder.name}", "ex", progress)
     state = agreed_state(checkpoint.load(total) if checkpoint is not None else None, world, encoder.device)
     # Replayed from a checkpoint's events, or recorded for the checkpoints to come.
     live = _LiveLog(live, state["live"] if state is not None else ()) if live is not None else None
@@ -426,9 +427,3 @@ def _clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     """Clip gradients to max_norm (None: no clipping); returns the norm before clipping."""
     limit = max_norm if max_norm is not None else float("inf")
     return torch.nn.utils.clip_grad_norm_(module.parameters(), limit)
-
-
-def _progress_bar(total_examples: int, name: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total_examples, unit="ex", desc=f"train {name}", smoothing=0.1)
