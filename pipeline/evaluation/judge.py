@@ -295,7 +295,7 @@ def run_judge(params: Params, progress: bool = False) -> JudgeResult:
 
     Raises:
         pipeline.labelled.EvalDataError, pipeline.retrieval.encoder.EncoderError, pipeline.llm.LLMError,
-        pipeline.llm.scoring.ScoringError.
+        pipeline.llm.ScoringError.
     """
     jp, methods = params.judge, list(params.score.methods)
     top_n = jp.top_n or params.neighbors.top_n
