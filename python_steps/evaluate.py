@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.evaluation.mteb_eval import EvalDataError, build_tasks, summary, task_category, write_outputs
+from pipeline.evaluation.mteb_eval import build_tasks, summary, task_category, write_outputs
+from pipeline.labelled import EvalDataError
 from pipeline.params import PARAMS_FILE, ParamsError, load_params
 
 STAGE = "evaluate"

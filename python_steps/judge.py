@@ -19,7 +19,7 @@ def main() -> None:
     run = LLMStage(STAGE)  # the LLM loads inside run_judge, only when there is something to judge
     params = run.params
     from pipeline.evaluation.judge import run_judge, write_metrics
-    from pipeline.evaluation.mteb_eval import EvalDataError
+    from pipeline.labelled import EvalDataError
     from pipeline.llm import LLMError, ScoringError
     from pipeline.retrieval.encoder import EncoderError  # torch: only once params are valid
 

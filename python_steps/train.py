@@ -58,13 +58,11 @@ def relaunch(nproc: int) -> int:
 
 def run(params: Params, world: World, started: float) -> None:
     """Read the data, train, and (rank 0) log, save and print the summary."""
-    from pipeline.retrieval.encoder import (
-        Encoder, EncoderError, TextFormat, instruction_format, pick_device, training_dtype,
-    )  # fmt: skip
+    from pipeline.retrieval.encoder import Encoder, EncoderError, TextFormat, instruction_format
     from pipeline.training.checkpoint import Checkpoint
-    from pipeline.training.loop import (
-        mix_sources, read_candidates, read_mix_source, read_triples, train, training_config, write_model,
-    )  # fmt: skip
+    from pipeline.training.data import mix_sources, read_candidates, read_mix_source, read_triples
+    from pipeline.training.loop import train
+    from pipeline.training.model_card import training_config, write_model
     from pipeline.training.model_selection import DevScorer
 
     enc, tp = params.encoder, params.train
@@ -88,9 +86,8 @@ def run(params: Params, world: World, started: float) -> None:
         # Only the rank that saves selects: the others' weights are never written.
         raw = [kind for kind in ("retrieval", "sts") if not params.eval.uses_prefixes(kind)]
         dev = DevScorer.from_params(tp.dev, fmt, Path.cwd(), enc.batch_size, raw) if tp.eval_every and lead else None
-        dtype = training_dtype(tp.dtype, pick_device(params.base.device))
         encoder = Encoder.load(
-            enc.model, device=params.base.device, dtype=dtype, max_length=enc.max_length, threads=params.base.threads,
+            enc.model, device=params.base.device, dtype=tp.dtype, max_length=enc.max_length, threads=params.base.threads,
             attention_dropout=tp.attention_dropout,
         ).exclude_instruction(instruction_format(enc))
     except (ValueError, EncoderError) as err:

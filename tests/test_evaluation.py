@@ -10,16 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation.mteb_eval import (
-    EvalDataError,
-    MtebEncoder,
-    format_texts,
-    read_beir,
-    read_sts,
-    retrieval_task,
-    run_tasks,
-    sts_task,
-)
+from pipeline.evaluation.mteb_eval import MtebEncoder, format_texts, retrieval_task, run_tasks, sts_task
+from pipeline.labelled import EvalDataError, read_beir, read_sts
 
 EVAL = Path(__file__).resolve().parents[1] / "data/eval"
 TASK = "Find the document"

@@ -30,8 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.evaluation.mteb_eval import read_beir
-from pipeline.llm.generate import stable_int
+from pipeline.labelled import read_beir, stable_int
 from pipeline.params import JudgeParams, Params
 
 SIGNALS = ("ql", "rc", "knn")  # the ranks a weighted fusion combines
@@ -107,7 +106,7 @@ def load_judge_set(params: JudgeParams, seed: int) -> JudgeSet:
     seeded sample of the others up to `max_corpus` documents.
 
     Raises:
-        pipeline.evaluation.mteb_eval.EvalDataError: a missing or malformed file.
+        pipeline.labelled.EvalDataError: a missing or malformed file.
     """
     data = read_beir(params.path, params.split)
     chosen = sample_ids(list(data.qrels), params.queries, seed, "judge_queries")
@@ -295,8 +294,8 @@ def run_judge(params: Params, progress: bool = False) -> JudgeResult:
     `judge.queries: 0` does none of it: empty tables, null scores, and Gecko's default weights.
 
     Raises:
-        pipeline.evaluation.mteb_eval.EvalDataError, pipeline.retrieval.encoder.EncoderError, pipeline.llm.LLMError,
-        pipeline.llm.scoring.ScoringError.
+        pipeline.labelled.EvalDataError, pipeline.retrieval.encoder.EncoderError, pipeline.llm.LLMError,
+        pipeline.llm.ScoringError.
     """
     jp, methods = params.judge, list(params.score.methods)
     top_n = jp.top_n or params.neighbors.top_n

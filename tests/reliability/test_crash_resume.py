@@ -188,7 +188,7 @@ def test_a_crash_while_saving_the_model_keeps_the_previous_one(crash_on, tiny_be
     import torch
 
     from pipeline.retrieval.encoder import Encoder
-    from pipeline.training.loop import write_model
+    from pipeline.training.model_card import write_model
 
     target = tmp_path / "models" / "fret-encoder"
     previous_output(tmp_path, "train", tiny_bert_dir)
