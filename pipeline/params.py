@@ -613,7 +613,8 @@ class TrainParams(Section):
     # The control: the same recipe without the LLM's data. true: after the model, train a second
     # one on the train.mix examples alone (the very examples the model mixed in, same settings) and
     # save it at control_output; evaluate scores it beside base and trained, with paired intervals.
-    control: bool = False
+    # Without train.mix there is nothing to train it on: control_output then says so (fret_control.json).
+    control: bool = True
     control_output: Path = Path("models/fret-control")
 
     @field_validator("mix", mode="before")
@@ -642,8 +643,6 @@ class TrainParams(Section):
     def _distill_and_selection_usable(self) -> "TrainParams":
         if self.distill_weight > 0 and self.nproc_per_node > 1:
             raise ValueError("distill_weight > 0 trains in one process only: set nproc_per_node: 1")
-        if self.control and not self.mix:
-            raise ValueError("control: true trains on the train.mix examples alone, and train.mix is empty")
         if self.eval_every is not None and not (self.dev.retrieval or self.dev.sts):
             raise ValueError("eval_every is set but train.dev names no dev set (retrieval or sts)")
         return self

@@ -232,7 +232,9 @@ def test_stage_writes_metrics_and_plot_for_base_and_trained(tmp_path, beir, caps
     )
     main([str(tmp_path / "params.yaml")])
     metrics = json.loads((tmp_path / "out/eval.json").read_text())
-    assert set(metrics) == {"base", "trained"}
+    assert set(metrics) == {"base", "trained", "intervals"}
+    # Same weights: every paired difference is exactly 0.
+    assert metrics["intervals"] == {"trained_vs_base": {"tiny": {"diff": 0.0, "low": 0.0, "high": 0.0}}}
     assert set(metrics["base"]["tiny"]) == {"ndcg_at_10", "recall_at_100", "map_at_100"}
     assert metrics["base"]["tiny"] == metrics["trained"]["tiny"]  # same weights, same scores
     rows = json.loads((tmp_path / "out/plot.json").read_text())

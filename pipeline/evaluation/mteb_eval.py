@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from pipeline.evaluation.intervals import compare, retrieval_per_query, sts_per_pair
 from pipeline.labelled import EvalDataError, held_out, read_beir, read_labelled, read_sts
 
 if TYPE_CHECKING:
@@ -474,9 +475,24 @@ def summary(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines + ([extra] if extra else []))
 
 
-def write_outputs(results: dict[str, dict[str, dict[str, float]]], metrics_path: Path, plot_path: Path) -> None:
-    """Write the metrics JSON (model -> task -> metric) and the plot rows JSON."""
-    for path, content in ((metrics_path, results), (plot_path, plot_rows(results))):
+def intervals_lines(intervals: dict[str, dict[str, Any]]) -> str:
+    """One line per comparison and set: the difference and its paired bootstrap 95 % interval."""
+    lines = ["paired bootstrap, 95 % interval of the difference (nDCG@10 per query; STS: Spearman over pairs):"]
+    for comparison, by_set in intervals.items():
+        a_b = comparison.split("_vs_")
+        lines += [f"  {a_b[0]} - {a_b[1]}  {name}: {interval.line()}" for name, interval in by_set.items()]
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def write_outputs(
+    results: dict[str, dict[str, dict[str, float]]], metrics_path: Path, plot_path: Path, intervals: dict | None = None
+) -> None:
+    """Write the metrics JSON (model -> task -> metric, and `intervals`: comparison -> set ->
+    {diff, low, high}, the paired bootstrap 95 % interval) and the plot rows JSON."""
+    metrics = dict(results)
+    if intervals:
+        metrics["intervals"] = {k: {name: i.as_dict() for name, i in v.items()} for k, v in intervals.items()}
+    for path, content in ((metrics_path, metrics), (plot_path, plot_rows(results))):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
@@ -484,15 +500,23 @@ def write_outputs(results: dict[str, dict[str, dict[str, float]]], metrics_path:
 
 
 
-def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
-    """Score the base encoder (`encoder.model`) and, when its folder exists, the trained one (`train.output`).
+# The differences evaluate bounds with a paired bootstrap (b_vs_a: b minus a).
+COMPARISONS = (("base", "trained"), ("control", "trained"), ("base", "control"))
+
+
+def evaluate_models(
+    params: Any, root: Path, tasks: Sequence[Any]
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str], dict[str, dict[str, Any]]]:
+    """Score the base encoder (`encoder.model`) and, when their folders exist, the trained one
+    (`train.output`) and the control (`train.control_output`: the same recipe without the LLM's data).
 
     Both use the `encoder` section's settings; the Gecko templates apply to the base model's eval
     categories that `eval.base_prefixes` names and to the trained one's that `eval.prefixes` names.
 
     Returns:
-        ({"base"|"trained": {task: {metric: score}}}, {"base"|"trained": model identity}); each
-        model's scores also hold `versatility` (see `versatility`).
+        ({"base"|"trained"|"control": {task: {metric: score}}}, {model: identity}, intervals); each
+        model's scores also hold `versatility` (see `versatility`); intervals: {"trained_vs_base":
+        {set: Interval}, ...} over the retrieval and STS sets (pipeline/evaluation/intervals.py).
 
     Raises:
         pipeline.retrieval.encoder.EncoderError: a model folder that cannot be loaded.
@@ -508,8 +532,10 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
     models = {"base": enc.model}
     if full(params.train.output).is_dir():
         models["trained"] = str(full(params.train.output))
+    if (full(params.train.control_output) / "config.json").is_file():  # a control folder without one: none trained
+        models["control"] = str(full(params.train.control_output))
     cache = open_cache(None if enc.cache_path is None else full(enc.cache_path))
-    results, identities = {}, {}
+    results, identities, items = {}, {}, {}
     try:
         for label, model in models.items():
             encoder = Encoder.load(
@@ -525,7 +551,32 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
                     scores |= run_tasks(wrapped, subset, batch_size=enc.batch_size)
             results[label] = {t.metadata.name: scores[t.metadata.name] for t in tasks}  # in the params' order
             results[label][VERSATILITY] = versatility(results[label], tasks)
+            items[label] = per_item_scores(CachedEncoder(encoder, cache), params, root, label)
     finally:
         if cache is not None:
             cache.close()
-    return results, identities
+    return results, identities, compare(items, COMPARISONS)
+
+
+def per_item_scores(encoder: "CachedEncoder", params: Any, root: Path, label: str) -> dict[str, Any]:
+    """Each retrieval set's nDCG@10 per query and each STS set's cosine per pair, for the bootstrap."""
+    from pipeline.retrieval.encoder import TextFormat
+
+    enc, ev = params.encoder, params.eval
+
+    def text_format(kind: str):
+        return TextFormat.from_params(enc) if ev.uses_prefixes(kind, label) else None
+
+    def full(path: Path) -> Path:
+        return path if path.is_absolute() else root / path
+
+    def embed(texts):
+        return encoder.encode(list(texts), batch_size=enc.batch_size)
+
+    out: dict[str, Any] = {}
+    for name, s in ev.retrieval.items():
+        out[name] = retrieval_per_query(embed, read_beir(full(s.path), s.split, s.holdout), s.task, text_format("retrieval"))
+    for name, s in ev.sts.items():
+        data = read_sts(full(s.path) / f"{s.split}.tsv")
+        out[name] = {"pred": sts_per_pair(embed, data, s.task, text_format("sts")), "gold": data.score}
+    return out
