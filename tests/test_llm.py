@@ -42,7 +42,7 @@ def test_auto_dtype_resolves_into_the_identity(tiny_llm_dir, monkeypatch):
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(LLMError, match="neither 'smollm2', a .gguf file nor a local transformers model folder"):
+    with pytest.raises(LLMError, match="neither 'smollm2', 'qwen2.5-coder-0.5b', a .gguf file nor a local transformers model folder"):
         load_llm(LLMParams(model=str(tmp_path / "nope")), BaseParams())
 
 
