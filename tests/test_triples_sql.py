@@ -743,7 +743,7 @@ def test_unknown_strategy_in_variables_is_a_build_error(warehouse):
     [{"range_min": -1}, {"range_min": 3, "range_max": 3}, {"num_negatives": 0}, {"relative_margin": 1.0},
      {"relative_margin": -0.1}, {"negative": "hardest"}, {"positive": "p2"}, {"rrf_k": -1},
      {"weights": {"ql": -1}}, {"weights": {"ql": 0, "rc": 0, "knn": 0}}, {"weights": {"ql": 0, "rc": 1e-7}},
-     {"weights": {"bm25": 1}}, {"weights": "best"}, {"weights": {"knn": float("inf")}}, {"round_trip_top_k": 0},
+     {"weights": {"bm25": -1}}, {"weights": "best"}, {"weights": {"knn": float("inf")}}, {"round_trip_top_k": 0},
      {"max_copy_rate": 1.5}, {"min_query_words": 0}, {"min_query_words": 5, "max_query_words": 4}],
 )  # fmt: skip
 def test_select_params_reject_out_of_range_values(bad):
