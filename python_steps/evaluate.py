@@ -4,7 +4,8 @@ Writes `eval.metrics_path` (model -> task -> metric, for `dvc metrics show/diff`
 `dvc exp show`; each model's `versatility` holds its mean main metric per category: retrieval, sts,
 classification, clustering, and their `mean`) and `eval.plot_path` (one row per model, task and
 metric, for `dvc plots`).
-The trained model (`train.output`) is scored only when its folder exists.
+The trained model (`train.output`) and the control (`train.control_output`) are scored only when
+their folders hold a model; the metrics also carry paired bootstrap intervals of their differences.
 Run from the repository root: `python -m python_steps.evaluate [PARAMS_FILE]`.
 """
 
@@ -15,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.evaluation.mteb_eval import EvalDataError, build_tasks, summary, task_category, write_outputs
+from pipeline.evaluation.mteb_eval import build_tasks, intervals_lines, summary, task_category, write_outputs
+from pipeline.labelled import EvalDataError
 from pipeline.params import PARAMS_FILE, ParamsError, load_params
 
 STAGE = "evaluate"
@@ -39,11 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.retrieval.encoder import EncoderError  # torch: only once params and data are valid
 
     try:
-        results, identities = evaluate_models(params, root, tasks)
+        results, identities, intervals = evaluate_models(params, root, tasks)
     except EncoderError as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     ev = params.eval
-    write_outputs(results, root / ev.metrics_path, root / ev.plot_path)
+    write_outputs(results, root / ev.metrics_path, root / ev.plot_path, intervals)
     print(
         f"{STAGE}: {len(tasks)} task(s), Gecko format base {_formatted(ev, tasks, 'base')} / "
         f"trained {_formatted(ev, tasks, 'trained')}, "
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     for label, identity in identities.items():
         print(f"  {label}: {identity}")
     print(summary(results))
+    if lines := intervals_lines(intervals):
+        print(lines)
 
 
 def _formatted(ev, tasks, model: str) -> str:

@@ -19,7 +19,7 @@ def main() -> None:
     run = LLMStage(STAGE)  # the LLM loads inside run_judge, only when there is something to judge
     params = run.params
     from pipeline.evaluation.judge import run_judge, write_metrics
-    from pipeline.evaluation.mteb_eval import EvalDataError
+    from pipeline.labelled import EvalDataError
     from pipeline.llm import LLMError, ScoringError
     from pipeline.retrieval.encoder import EncoderError  # torch: only once params are valid
 
@@ -39,15 +39,18 @@ def summary(result, metrics_path, total_s: float) -> str:
     m, s = result.metrics, result.stats
     if m["queries"] == 0:
         return f"{STAGE}: judge.queries is 0, nothing judged; {metrics_path} holds Gecko's default weights"
-    methods = " + ".join(x.upper() for x in m["methods"])
+    methods = " + ".join(x.upper() for x in m["methods"]) or "no LLM method"
+    extra = "".join(f"; {name}: {model}" for name, model in m.get("models", {}).items())
     return "\n".join(
         [
             f"{STAGE}: {m['queries']} queries of {m['path']} ({m['split']}) x top {m['top_n']} of "
             f"{m['corpus_docs']:,} docs in {total_s:.1f} s; relevant docs in the top {m['top_n']}: "
             f"{m['recall_at_top_n']:.1%}",
             f"  encoder {m['encoder']} ({s['embedded']:,} docs embedded); llm {m['llm']}, {methods}: "
-            f"{s['cached']:,} prompts cached, {s['computed']:,} scored in {s['score_seconds']:.1f} s",
+            f"{s['cached']:,} prompts cached, {s['computed']:,} scored in {s['score_seconds']:.1f} s{extra}",
             summary_table(m),
+            "  seconds per scored pair (uncached): "
+            + ", ".join(f"{name} {sec:.3f}" for name, sec in s.get("seconds_per_pair", {}).items()),
             f"  best_weights {m['best_weights']} -> {metrics_path}",
         ]
     )

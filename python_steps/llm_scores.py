@@ -42,6 +42,8 @@ left join (select distinct passage_id from passages) p on p.passage_id = n.passa
 def main() -> None:
     run = LLMStage(STAGE)
     params = run.params
+    if not params.score.methods:
+        return write_unscored(run)
     from pipeline.llm import LLMError, ScoringError
     from pipeline.llm.cache import LLMCache
     from pipeline.llm.scoring import score_relevance
@@ -58,6 +60,18 @@ def main() -> None:
     finally:
         cache.close()
     print(summary(result.stats, rows, llm, params, run.load_seconds, run.elapsed(), drops))
+
+
+def write_unscored(run: LLMStage) -> None:
+    """score.methods: []: the mined pairs with NULL scores, and no LLM loaded."""
+    from pipeline.llm.scoring import unscored_table
+
+    with run.exits_on(WarehouseError), write_stage(STAGE, upstream=UPSTREAM) as con:
+        drops = join_drops(con)
+        rows = write_table(con, STAGE, unscored_table(con.sql(PAIRS_SQL).to_arrow_table()))
+        write_table(con, "llm_scores_report", report_table({**drops, "pairs_scored": 0}))
+    print(f"{STAGE}: {rows:,} mined pairs written unscored (score.methods: []) in {run.elapsed():.2f} s")
+    print(drops_line(drops))
 
 
 def join_drops(con) -> dict[str, int]:

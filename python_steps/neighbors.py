@@ -65,6 +65,7 @@ def main() -> None:
                 passage_sink=sink,
                 progress=True,
             )
+            result.tables["neighbors"], bm25_stats = with_bm25(con, result, passages, queries, params)
             rows = {name: write_table(con, name, table) for name, table in result.tables.items()}
             rows["passage_embeddings"] = sink.finish(encoder.dim)
     except (WarehouseError, IndexParamsError) as err:  # IndexParamsError: FAISS knobs that do not fit the corpus
@@ -73,6 +74,44 @@ def main() -> None:
         if cache is not None:
             cache.close()
     print(summary(result, rows, params, encoder, load_seconds, time.perf_counter() - started))
+    print(
+        f"  bm25 (k1 {params.neighbors.bm25.k1}, b {params.neighbors.bm25.b}): indexed in "
+        f"{bm25_stats['index_seconds']:.2f} s, candidates scored in {bm25_stats['score_seconds']:.2f} s; "
+        f"{bm25_stats['extra_pairs']:,} pairs added from BM25's top {params.neighbors.bm25.top_n}"
+    )
+
+
+def with_bm25(con: duckdb.DuckDBPyConnection, result: MiningResult, passages: pa.Table, queries: pa.Table, params: Params):
+    """The encoder's neighbors with BM25's rank and score beside each, and BM25's own top passages
+    added (neighbors.bm25.top_n); their cosines come from the embeddings this stage just wrote."""
+    from pipeline.retrieval.bm25 import hybrid_neighbors
+
+    def passage_vectors(ids: list[str]) -> np.ndarray:
+        con.register("_fret_ids", pa.table({"passage_id": ids}))
+        try:
+            found = con.sql(
+                "SELECT e.passage_id, e.embedding FROM passage_embeddings e JOIN _fret_ids USING (passage_id)"
+            ).to_arrow_table()
+        finally:
+            con.unregister("_fret_ids")
+        return _in_order(found, ids)
+
+    nb = params.neighbors
+    return hybrid_neighbors(
+        result.tables["neighbors"], passages, queries, vectors_of(result.tables["query_embeddings"]),
+        passage_vectors, k1=nb.bm25.k1, b=nb.bm25.b, top_n=nb.bm25.top_n,
+    )  # fmt: skip
+
+
+def vectors_of(table: pa.Table) -> np.ndarray:
+    """The (rows, d) float32 matrix of an (id, embedding FLOAT[d]) table."""
+    column = table["embedding"].combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+
+
+def _in_order(found: pa.Table, ids: list[str]) -> np.ndarray:
+    by_id = dict(zip(found["passage_id"].to_pylist(), vectors_of(found)))
+    return np.stack([by_id[i] for i in ids])
 
 
 class ChunkWriter:

@@ -58,13 +58,11 @@ def relaunch(nproc: int) -> int:
 
 def run(params: Params, world: World, started: float) -> None:
     """Read the data, train, and (rank 0) log, save and print the summary."""
-    from pipeline.retrieval.encoder import (
-        Encoder, EncoderError, TextFormat, instruction_format, pick_device, training_dtype,
-    )  # fmt: skip
+    from pipeline.retrieval.encoder import Encoder, EncoderError, TextFormat, instruction_format
     from pipeline.training.checkpoint import Checkpoint
-    from pipeline.training.loop import (
-        mix_sources, read_candidates, read_mix_source, read_triples, train, training_config, write_model,
-    )  # fmt: skip
+    from pipeline.training.data import mix_sources, read_candidates, read_mix_source, read_triples
+    from pipeline.training.loop import train
+    from pipeline.training.model_card import training_config, write_model
     from pipeline.training.model_selection import DevScorer
 
     enc, tp = params.encoder, params.train
@@ -73,6 +71,7 @@ def run(params: Params, world: World, started: float) -> None:
     if not triples.is_file():
         raise SystemExit(f"{STAGE}: {triples}: upstream stage 'triples' has not been built (run `dvc repro triples`)")
     fmt = TextFormat.from_params(enc)
+    added: list = []  # the train.mix examples: the control trains on these alone
     try:
         examples, counts = read_triples(triples, fmt, tp.symmetric_task_types)
         if tp.mix:
@@ -88,9 +87,8 @@ def run(params: Params, world: World, started: float) -> None:
         # Only the rank that saves selects: the others' weights are never written.
         raw = [kind for kind in ("retrieval", "sts") if not params.eval.uses_prefixes(kind)]
         dev = DevScorer.from_params(tp.dev, fmt, Path.cwd(), enc.batch_size, raw) if tp.eval_every and lead else None
-        dtype = training_dtype(tp.dtype, pick_device(params.base.device))
         encoder = Encoder.load(
-            enc.model, device=params.base.device, dtype=dtype, max_length=enc.max_length, threads=params.base.threads,
+            enc.model, device=params.base.device, dtype=tp.dtype, max_length=enc.max_length, threads=params.base.threads,
             attention_dropout=tp.attention_dropout,
         ).exclude_instruction(instruction_format(enc))
     except (ValueError, EncoderError) as err:
@@ -133,6 +131,52 @@ def run(params: Params, world: World, started: float) -> None:
     print(summary(config, encoder, str(path), time.perf_counter() - started))
     if result.resumed_from:
         print(f"  resumed from step {result.resumed_from} (the checkpoint of an interrupted run, in {CHECKPOINT_DIR}/)")
+    train_control(params, added, dev, base_model)
+
+
+def train_control(params: Params, added: list, dev, base_model: str) -> None:
+    """The control: the same recipe without the LLM's data, i.e. a fresh start trained on the very
+    train.mix examples the model mixed in, nothing generated, same settings and seed. Saved at
+    train.control_output; without a control (off, or no train.mix) that folder holds only
+    fret_control.json saying why, so evaluate knows there is none."""
+    import json
+    import shutil
+
+    from pipeline.retrieval.encoder import Encoder, instruction_format
+    from pipeline.training.data import DataCounts
+    from pipeline.training.loop import train
+    from pipeline.training.model_card import training_config, write_model
+
+    enc, tp = params.encoder, params.train
+    out = Path(tp.control_output)
+    if not tp.control or len(added) < 2:
+        why = "train.control is false" if not tp.control else "train.mix added fewer than 2 examples"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        (out / "fret_control.json").write_text(json.dumps({"trained": False, "why": why}, indent=2) + "\n")
+        print(f"  control: none ({why})")
+        return
+    started = time.perf_counter()
+    encoder = Encoder.load(
+        enc.model, device=params.base.device, dtype=tp.dtype, max_length=enc.max_length, threads=params.base.threads,
+        attention_dropout=tp.attention_dropout,
+    ).exclude_instruction(instruction_format(enc))
+    result = train(encoder, added, tp, seed=params.base.seed, live=None, progress=True, dev=dev)
+    encoder.forget_weights_hash()
+    counts = DataCounts(
+        triples=0, queries=0, with_negative=0, without_negative=0,
+        mix_examples=len(added), mix_with_negative=sum(e.negative is not None for e in added),
+    )  # fmt: skip
+    config = training_config(
+        base_model=base_model, encoder=encoder, params=tp, encoder_params=enc,
+        base_params=params.base, counts=counts, result=result,
+    )  # fmt: skip
+    write_model(encoder, out, {**config, "control": True})
+    (out / "fret_control.json").write_text(json.dumps({"trained": True, "examples": len(added)}, indent=2) + "\n")
+    print(
+        f"  control: {len(added):,} train.mix examples alone, {result.steps} steps in "
+        f"{time.perf_counter() - started:.1f} s -> {out}"
+    )
 
 
 @contextlib.contextmanager

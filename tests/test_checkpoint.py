@@ -16,7 +16,8 @@ import pipeline.training.loop as training
 from fixtures_encoder import tiny_bert_dir  # noqa: F401  (session fixture)
 from pipeline.retrieval.encoder import TextFormat
 from pipeline.training.checkpoint import Checkpoint, run_key
-from pipeline.training.loop import read_candidates, read_triples, train
+from pipeline.training.data import read_candidates, read_triples
+from pipeline.training.loop import train
 from test_training import fresh_encoder, small_params, write_candidates, write_triples
 
 

@@ -14,18 +14,16 @@ from test_evaluation import EVAL, HashEncoder, TableEncoder
 
 from pipeline.evaluation.mteb_eval import (
     VERSATILITY,
-    EvalDataError,
     MtebEncoder,
     classification_task,
     clustering_subsets,
     clustering_task,
-    held_out,
-    read_labelled,
     retrieval_task,
     run_tasks,
     versatility,
     versatility_line,
 )
+from pipeline.labelled import EvalDataError, held_out, read_labelled
 
 LABELS = ("card", "loan", "cash")
 

@@ -71,7 +71,9 @@ def test_three_processes_train_like_one(no_dropout_dir, tmp_path, monkeypatch, c
     # Only rank 0 prints, logs and saves: one summary, one model, one dvclive folder.
     assert done.stdout.count("train: 6 steps, 16 examples") == 1, done.stdout
     assert "on 3 x cpu" in done.stdout
-    assert sorted(p.name for p in (multi / "models").iterdir()) == ["fret-encoder"]
+    # fret-control is a dvc out: without train.mix it holds only the file saying there is no control.
+    assert sorted(p.name for p in (multi / "models").iterdir()) == ["fret-control", "fret-encoder"]
+    assert [p.name for p in (multi / "models" / "fret-control").iterdir()] == ["fret_control.json"]
     assert json.loads((multi / "models" / "fret-encoder" / "fret_training.json").read_text())["result"]["world_size"] == 3
 
     ours, reference = weights(multi / "models" / "fret-encoder"), weights(single / "models" / "fret-encoder")

@@ -10,16 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation.mteb_eval import (
-    EvalDataError,
-    MtebEncoder,
-    format_texts,
-    read_beir,
-    read_sts,
-    retrieval_task,
-    run_tasks,
-    sts_task,
-)
+from pipeline.evaluation.mteb_eval import MtebEncoder, format_texts, retrieval_task, run_tasks, sts_task
+from pipeline.labelled import EvalDataError, read_beir, read_sts
 
 EVAL = Path(__file__).resolve().parents[1] / "data/eval"
 TASK = "Find the document"
@@ -240,7 +232,9 @@ def test_stage_writes_metrics_and_plot_for_base_and_trained(tmp_path, beir, caps
     )
     main([str(tmp_path / "params.yaml")])
     metrics = json.loads((tmp_path / "out/eval.json").read_text())
-    assert set(metrics) == {"base", "trained"}
+    assert set(metrics) == {"base", "trained", "intervals"}
+    # Same weights: every paired difference is exactly 0.
+    assert metrics["intervals"] == {"trained_vs_base": {"tiny": {"diff": 0.0, "low": 0.0, "high": 0.0}}}
     assert set(metrics["base"]["tiny"]) == {"ndcg_at_10", "recall_at_100", "map_at_100"}
     assert metrics["base"]["tiny"] == metrics["trained"]["tiny"]  # same weights, same scores
     rows = json.loads((tmp_path / "out/plot.json").read_text())

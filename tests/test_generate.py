@@ -351,7 +351,7 @@ def test_few_shot_examples_are_judged_queries_with_their_best_document(tmp_path)
 
 
 def test_few_shot_examples_skip_the_held_out_queries(tmp_path):
-    from pipeline.evaluation.mteb_eval import held_out
+    from pipeline.labelled import held_out
     from pipeline.llm.generate import few_shot_examples
 
     folder = _write_labelled(tmp_path / "beir")

@@ -24,6 +24,7 @@ from pipeline.evaluation.judge import (
     judge_rankings,
     load_judge_set,
     ndcg_at_10,
+    signals,
     weight_grid,
 )
 from pipeline.params import JudgeParams, ParamsError, load_params
@@ -81,24 +82,27 @@ def test_fusion_ties_go_to_knn_rank_then_id():
 
 
 def test_grid_covers_the_computed_signals_only():
-    both, ql_only = weight_grid(["ql", "rc"]), weight_grid(["ql"])
+    assert signals(["ql", "rc"]) == ["knn", "bm25", "ql", "rc"]
+    assert signals([], ["qwen"]) == ["knn", "bm25", "ql@qwen"]
+    both, ql_only = weight_grid(["knn", "ql", "rc"]), weight_grid(["knn", "ql"])
     assert len(both) == 26 and {"ql": 0.0, "rc": 0.0, "knn": 0.0} not in both
-    assert len(ql_only) == 8 and all(w["rc"] == 0 for w in ql_only)
-    assert GECKO_WEIGHTS in both and GECKO_WEIGHTS not in ql_only
+    assert len(ql_only) == 8 and all("rc" not in w for w in ql_only)
+    assert len(weight_grid(signals(["ql", "rc"], ["qwen"]))) == 3**5 - 1
+    assert {"knn": 0.0, "ql": 1.0, "rc": 1.0} in both
 
 
 def point(ql: float, rc: float, knn: float, value: float) -> dict:
-    return {"weights": {"ql": ql, "rc": rc, "knn": knn}, "ndcg_at_10": value}
+    return {"weights": {"ql": ql, "rc": rc, "knn": knn, "bm25": 0.0}, "ndcg_at_10": value}
 
 
 def test_best_weights_and_its_tie_rules():
-    assert best_weights([point(1, 1, 0, 0.5), point(0.5, 0, 1, 0.7)]) == {"ql": 0.5, "rc": 0, "knn": 1}
+    assert best_weights([point(1, 1, 0, 0.5), point(0.5, 0, 1, 0.7)]) == {"ql": 0.5, "rc": 0, "knn": 1, "bm25": 0}
     # A tie prefers Gecko's default...
     assert best_weights([point(0.5, 0.5, 0, 0.7), point(1, 0, 1, 0.7), point(1, 1, 0, 0.7)]) == GECKO_WEIGHTS
     # ...then fewer non-zero weights, then larger ones, then grid order.
     ties = [point(1, 0, 1, 0.7), point(0.5, 0, 0, 0.7), point(1, 0, 0, 0.7)]
-    assert best_weights(ties) == {"ql": 1, "rc": 0, "knn": 0}
-    assert best_weights([point(0, 0, 1, 0.7), point(1, 0, 0, 0.7)]) == {"ql": 0, "rc": 0, "knn": 1}
+    assert best_weights(ties) == {"ql": 1, "rc": 0, "knn": 0, "bm25": 0}
+    assert best_weights([point(0, 0, 1, 0.7), point(1, 0, 0, 0.7)]) == {"ql": 0, "rc": 0, "knn": 1, "bm25": 0}
     # Float noise below 1e-12 is a tie, not a win.
     assert best_weights([point(1, 0, 1, 0.7 + 1e-15), point(1, 1, 0, 0.7)]) == GECKO_WEIGHTS
 
@@ -110,7 +114,7 @@ def test_judge_rankings_by_hand():
         row("r1", 1, 3, 1, "qb"), row("r2", 2, 1, 3, "qb"), row("r3", 3, 2, 2, "qb"),
     ]  # fmt: skip
     qrels = {"qa": {"p1": 1, "gone": 1}, "qb": {"r1": 1}}  # `gone` is outside the top N
-    metrics, report = judge_rankings(pa.Table.from_pylist(rows), qrels, ["ql", "rc"], rrf_k=0)
+    metrics, report = judge_rankings(pa.Table.from_pylist(rows), qrels, ["knn", "ql", "rc"], rrf_k=0)
     ideal_a, ideal_b = dcg([1, 1]), dcg([1])
     expected = {
         "knn": (dcg([0, 0, 1]) / ideal_a + 1) / 2,
@@ -129,15 +133,33 @@ def test_judge_rankings_by_hand():
     assert metrics["best_weights"] == GECKO_WEIGHTS
     best = [r for r in report if r["is_best"]]
     assert len(best) == 1 and best[0]["ranking"] == "grid"
-    assert {k: best[0][f"w_{k}"] for k in ("ql", "rc", "knn")} == metrics["best_weights"]
+    assert {k: best[0][f"w_{k}"] for k in ("ql", "rc", "knn", "bm25")} == metrics["best_weights"]
+    assert metrics["best_fusion"]["ndcg_at_10"] == metrics["best_ndcg_at_10"]  # every signal is selectable here
+    assert metrics["best_over_knn"] == pytest.approx(expected["rc"] - expected["knn"])
 
 
 def test_judge_rankings_ql_only():
     rows = [row("p1", 2, 1, None), row("p2", 1, 2, None)]
-    metrics, report = judge_rankings(pa.Table.from_pylist(rows), {"q": {"p1": 1}}, ["ql"], rrf_k=0)
-    assert metrics["ndcg_at_10"]["rc"] is None and metrics["ndcg_at_10"]["fused"] is None
-    assert metrics["ndcg_at_10"]["ql"] == 1.0 and metrics["best_weights"] == {"ql": 1.0, "rc": 0.0, "knn": 0.0}
-    assert len(metrics["grid"]) == 8 and len(report) == 4 + 8
+    metrics, report = judge_rankings(pa.Table.from_pylist(rows), {"q": {"p1": 1}}, ["knn", "ql"], rrf_k=0)
+    assert set(metrics["ndcg_at_10"]) == {"knn", "ql"}  # no RC: neither it nor Gecko's fusion
+    assert metrics["ndcg_at_10"]["ql"] == 1.0
+    assert metrics["best_weights"] == {"ql": 1.0, "rc": 0.0, "knn": 0.0, "bm25": 0.0}
+    assert len(metrics["grid"]) == 8 and len(report) == 2 + 8
+
+
+def test_an_extra_model_is_fused_but_never_written_as_select_weights():
+    # ql@big ranks the relevant passage first; the selectable signals cannot.
+    rows = [
+        {**row("p1", 2, 2, None), "extra_ranks": [("ql@big", 1)]},
+        {**row("p2", 1, 1, None), "extra_ranks": [("ql@big", 2)]},
+    ]
+    schema = pa.schema([("query_id", pa.string()), ("passage_id", pa.string()), ("knn_rank", pa.int64()),
+                        ("ql_rank", pa.int64()), ("rc_rank", pa.int64()), ("extra_ranks", pa.map_(pa.string(), pa.int64()))])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    metrics, _ = judge_rankings(table, {"q": {"p1": 1}}, ["knn", "ql", "ql@big"], rrf_k=0)
+    assert metrics["ndcg_at_10"]["ql@big"] == 1.0 and metrics["best_fusion"]["ndcg_at_10"] == 1.0
+    assert metrics["best_fusion"]["weights"]["ql@big"] > 0
+    assert set(metrics["best_weights"]) == {"ql", "rc", "knn", "bm25"} and metrics["best_ndcg_at_10"] < 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,16 +235,17 @@ def test_stage_end_to_end(tiny_bert_dir, tiny_llm_dir, tmp_path, monkeypatch, ca
     judge.main()
     out = capsys.readouterr().out
     metrics, rankings, report = read_stage(tmp_path)
-    assert set(metrics["ndcg_at_10"]) == {"knn", "ql", "rc", "fused"}
+    assert set(metrics["ndcg_at_10"]) == {"knn", "bm25", "ql", "rc", "fused"}
     assert all(0 <= v <= 1 for v in metrics["ndcg_at_10"].values())
-    assert set(metrics["best_weights"]) == {"ql", "rc", "knn"} and metrics["best_from"] == "grid"
-    assert metrics["queries"] == 3 and metrics["top_n"] == 6 and len(metrics["grid"]) == 26
+    assert set(metrics["best_weights"]) == {"ql", "rc", "knn", "bm25"} and metrics["best_from"] == "grid"
+    assert metrics["queries"] == 3 and metrics["top_n"] == 6 and len(metrics["grid"]) == 80
     assert metrics["recall_at_top_n"] == 1.0 and metrics["corpus_docs"] == len(DOCS)
     assert all(set(p) == {"weights", "ndcg_at_10"} for p in metrics["grid"])
     assert len(rankings) == 18 and all(r[4] is not None and r[5] is not None for r in rankings)  # ql_rank, rc_rank
     assert sum(r[-1] for r in rankings) == sum(sum(j.values()) for j in QRELS.values())  # every label
-    assert len(report) == 4 + 26 and sum(r[-1] for r in report) == 1  # one best
-    assert "nDCG@10" in out and "fused" in out and "best of 26" in out
+    assert all(r[6] is not None for r in rankings)  # bm25_rank
+    assert len(report) == 5 + 80 and sum(r[-1] for r in report) == 1  # one best
+    assert "nDCG@10" in out and "fused" in out and "best of 80" in out
 
     judge.main()  # a re-run scores nothing: every prompt is in the LLM cache
     assert "0 scored" in capsys.readouterr().out
@@ -237,8 +260,8 @@ def test_stage_ql_only(tiny_bert_dir, tiny_llm_dir, tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     judge.main()
     metrics, rankings, _ = read_stage(tmp_path)
-    assert metrics["ndcg_at_10"]["rc"] is None and metrics["ndcg_at_10"]["fused"] is None
-    assert metrics["methods"] == ["ql"] and len(metrics["grid"]) == 8 and metrics["best_weights"]["rc"] == 0
+    assert "rc" not in metrics["ndcg_at_10"] and "fused" not in metrics["ndcg_at_10"]
+    assert metrics["methods"] == ["ql"] and len(metrics["grid"]) == 26 and metrics["best_weights"]["rc"] == 0
     assert len(rankings) == 8 and all(r[5] is None and r[4] is not None for r in rankings)
     assert "QL: 0 prompts cached, 8 scored" in capsys.readouterr().out
 
@@ -253,5 +276,5 @@ def test_stage_with_no_queries_loads_no_model(tmp_path, monkeypatch, capsys):
     metrics, rankings, report = read_stage(tmp_path)
     assert metrics["queries"] == 0 and metrics["grid"] == [] and rankings == [] and report == []
     assert metrics["best_weights"] == GECKO_WEIGHTS
-    assert metrics["ndcg_at_10"] == dict.fromkeys(["knn", "ql", "rc", "fused"])
+    assert metrics["ndcg_at_10"] == {}
     assert "nothing judged" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_DEPS = {"pipeline/__init__.py", "python_steps/__init__.py"} | {
     str(p.relative_to(ROOT)) for p in (ROOT / "pipeline" / "params").glob("*.py")
 }
+# A module longer than this holds more than one concern: split it by what its parts do.
+MAX_LINES = 700
+# Over MAX_LINES and still to be split; an entry that fits again must leave (the test says so).
+TOO_LONG_FOR_NOW: set[str] = set()
 
 
 def module_file(name: str) -> Path | None:
@@ -103,10 +108,10 @@ def test_subpackages_import_their_siblings_by_module():
     assert {m: d for m, d in bad.items() if d} == {}
 
 
-def runs(stage_module: str) -> set[str]:
-    """Files a stage module runs: what it imports, transitively, with the packages on the way."""
+def reached(module: str) -> set[str]:
+    """Modules that importing `module` runs: its imports, transitively, with the packages on the way."""
     seen: set[str] = set()
-    todo = [stage_module]
+    todo = [module]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -115,7 +120,54 @@ def runs(stage_module: str) -> set[str]:
         for dep in imported(module_file(name)):
             parts = dep.split(".")
             todo += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return {str(module_file(m).relative_to(ROOT)) for m in seen}
+    return seen
+
+
+def runs(stage_module: str) -> set[str]:
+    """Files a stage module runs."""
+    return {str(module_file(m).relative_to(ROOT)) for m in reached(stage_module)}
+
+
+def test_llm_never_reaches_evaluation():
+    """Generation and scoring sit below evaluation (the judge uses them): not even a lazy import, or
+    one through another pipeline module, may lead from pipeline/llm into pipeline/evaluation."""
+    upward = {
+        m: sorted(d for d in reached(m) if d.startswith("pipeline.evaluation"))
+        for m in graph("pipeline")
+        if m.startswith("pipeline.llm")
+    }
+    assert {m: d for m, d in upward.items() if d} == {}
+
+
+def test_one_module_decides_what_auto_picks():
+    """Only pipeline/device.py asks the hardware about bf16, so the encoder, training and the LLM
+    cannot resolve `dtype: auto` by different rules on one machine."""
+    probes = ("bf16_supported", "_is_amx_tile_supported")
+    askers = sorted(
+        str(path.relative_to(ROOT))
+        for folder in ("pipeline", "python_steps")
+        for path in (ROOT / folder).rglob("*.py")
+        if any(probe in path.read_text() for probe in probes)
+    )
+    assert askers == ["pipeline/device.py"]
+
+
+def test_no_module_over_max_lines():
+    lengths = {
+        str(path.relative_to(ROOT)): len(path.read_text().splitlines())
+        for folder in ("pipeline", "python_steps")
+        for path in (ROOT / folder).rglob("*.py")
+    }
+    assert {f: n for f, n in lengths.items() if n > MAX_LINES and f not in TOO_LONG_FOR_NOW} == {}
+    assert sorted(f for f in TOO_LONG_FOR_NOW if lengths.get(f, 0) <= MAX_LINES) == [], "fits now: drop it from TOO_LONG_FOR_NOW"
+
+
+@pytest.mark.parametrize("module", ["pipeline.labelled", "pipeline.device", "pipeline.progress"])
+def test_the_bottom_floor_imports_no_pipeline_module(module):
+    """The eval sets' readers and seeded hashes, the device rule and the progress bar serve
+    generation, training and evaluation alike: importing nothing of theirs, they never make one
+    depend on another."""
+    assert reached(module) == {module}
 
 
 def test_python_stage_deps_are_the_modules_they_run():

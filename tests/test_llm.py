@@ -9,7 +9,6 @@ from fixtures_llm import tiny_llm, tiny_llm_dir  # noqa: F401  (pytest fixtures)
 
 from pipeline.llm import Decoding, LLMError, load_llm, resolve_model
 from pipeline.llm.generate import GeneratedQuery, PromptTemplate
-from pipeline.llm.transformers_backend import resolve_dtype
 from pipeline.params import BaseParams, LLMParams
 
 MAX_NEW = 400  # the random model fills strings to their length limit: ~300 tokens at most
@@ -34,25 +33,16 @@ def test_identity_names_model_weights_and_dtype(tiny_llm, tiny_llm_dir, tmp_path
     assert resolve_model(LLMParams(model=str(changed))).sha256[:16] != sha
 
 
-def test_auto_dtype_follows_native_bf16_support(monkeypatch):
-    import torch
-
-    assert resolve_dtype("float32", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
-    for native, expected in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
-        assert resolve_dtype("auto", "cpu") == expected
-
-
 def test_auto_dtype_resolves_into_the_identity(tiny_llm_dir, monkeypatch):
     import torch
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr("pipeline.device.native_bf16", lambda device: True)  # the rule is tests/test_device.py's
     llm = load_llm(LLMParams(model=str(tiny_llm_dir), dtype="auto"), BaseParams(threads=1, device="cpu"))
     assert llm.identity.endswith(":bfloat16") and llm.model.dtype == torch.bfloat16
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(LLMError, match="neither 'smollm2', a .gguf file nor a local transformers model folder"):
+    with pytest.raises(LLMError, match="neither 'smollm2', 'qwen2.5-coder-0.5b', a .gguf file nor a local transformers model folder"):
         load_llm(LLMParams(model=str(tmp_path / "nope")), BaseParams())
 
 

@@ -90,7 +90,8 @@ def test_dev_scorer_matches_mteb_in_the_gecko_format(tiny_encoder, tmp_path):  #
 def test_dev_scorer_scores_only_the_held_out_queries_as_mteb_does(tiny_encoder, tmp_path):  # noqa: F811
     """A retrieval dev set with a holdout: the queries a train.mix retrieval source leaves out, and
     the same subset (and nDCG) as the evaluate stage's retrieval task with that holdout."""
-    from pipeline.evaluation.mteb_eval import MtebEncoder, held_out, retrieval_task, run_tasks
+    from pipeline.evaluation.mteb_eval import MtebEncoder, retrieval_task, run_tasks
+    from pipeline.labelled import held_out
 
     dev = write_dev_sets(tmp_path)
     holdout = 0.8  # holds out two of the four queries (text hashes 0.70 and 0.78 of 2^64)

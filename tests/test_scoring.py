@@ -330,8 +330,8 @@ def test_switching_methods_reuses_the_cached_prompts(tiny_llm, template, tmp_pat
     assert scorer.forward_rows == 0 and again.stats["cached"] == len(PAIRS)
 
 
-@pytest.mark.parametrize("methods", [[], ["ql", "ql"], ["bm25"]])
-def test_methods_param_rejects_empty_repeated_or_unknown(methods):
+@pytest.mark.parametrize("methods", [["ql", "ql"], ["bm25"]])
+def test_methods_param_rejects_repeated_or_unknown(methods):
     with pytest.raises(ValueError, match="methods"):
         ScoreParams(methods=methods)
 
@@ -363,7 +363,8 @@ def make_project(
           "llm": "tiny", "prompt_hash": "h"} for q, text in QUERIES.items()]
     )  # fmt: skip
     neighbors = pa.Table.from_pylist(
-        [{"query_id": q, "passage_id": p, "knn_rank": k, "knn_score": 1.0 - k / 10} for q, p, k in PAIRS + list(orphans)]
+        [{"query_id": q, "passage_id": p, "knn_rank": k, "knn_score": 1.0 - k / 10, "bm25_rank": k,
+         "bm25_score": 1.0 / k, "mined_by": "knn"} for q, p, k in PAIRS + list(orphans)]
     )
     for stage, table, upstream in [
         ("passages", passages, []), ("queries", queries, ["passages"]), ("neighbors", neighbors, ["passages", "queries"])

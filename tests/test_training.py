@@ -13,24 +13,18 @@ from fixtures_encoder import tiny_bert_dir  # noqa: F401  (session fixture)
 from pipeline.params import ParamsError, TrainParams, load_params
 from pipeline.retrieval.encoder import Encoder, TextFormat
 from pipeline.training.distributed import World
-from pipeline.training.loop import (
-    batches,
-    get_lr,
+from pipeline.training.data import (
     mix_in,
     mix_sources,
-    plan_steps,
-    planned_examples,
     read_candidates,
     read_labelled_examples,
     read_mix_source,
     read_pairs,
     read_retrieval_examples,
     read_triples,
-    steps_per_epoch,
-    train,
-    training_config,
-    write_model,
 )
+from pipeline.training.loop import batches, get_lr, plan_steps, planned_examples, steps_per_epoch, train
+from pipeline.training.model_card import training_config, write_model
 
 TOPICS = ["vaccines", "glaciers", "proteins", "rivers", "embeddings", "membranes", "foxes", "retrieval"]
 
@@ -297,7 +291,7 @@ def test_read_retrieval_examples_mines_the_best_ranked_non_relevant_document(tmp
 
 
 def test_mined_negative_is_never_relevant_even_when_relevant_documents_rank_first(tmp_path):
-    from pipeline.training.loop import mine_hard_negatives
+    from pipeline.training.data import mine_hard_negatives
 
     corpus = [{"id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(5)]
     queries = [{"id": "q", "text": "q"}]
@@ -337,7 +331,7 @@ def test_read_mix_source_retrieval(tmp_path, monkeypatch):
 
 def test_retrieval_mix_holdout_leaves_out_exactly_the_dev_set():
     """The mix trains on the queries the eval set with the same split and holdout does not score."""
-    from pipeline.evaluation.mteb_eval import read_beir
+    from pipeline.labelled import read_beir
 
     sample = Path(__file__).resolve().parent.parent / "data" / "sample"
     trained = read_retrieval_examples(sample, "train", "Find", TextFormat(), holdout=0.3)
@@ -479,7 +473,7 @@ def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tiny_be
     from sentence_transformers import SentenceTransformer
 
     from pipeline.params import BaseParams, EncoderParams
-    from pipeline.training.loop import DataCounts
+    from pipeline.training.data import DataCounts
 
     encoder = fresh_encoder(tiny_bert_dir)
     params = small_params()
@@ -507,7 +501,7 @@ def test_dvclive_writes_per_step_metrics_and_no_dvc_yaml(tiny_bert_dir, examples
     from python_steps.train import LIVE_DIR, open_live
 
     from pipeline.params import Params
-    from pipeline.training.loop import DataCounts
+    from pipeline.training.data import DataCounts
 
     monkeypatch.chdir(tmp_path)
     params = Params(train=small_params())
@@ -684,7 +678,7 @@ def test_selection_logs_dev_metrics_per_evaluation(tiny_bert_dir, examples, tmp_
     from python_steps.train import LIVE_DIR, open_live
 
     from pipeline.params import Params
-    from pipeline.training.loop import DataCounts
+    from pipeline.training.data import DataCounts
 
     monkeypatch.chdir(tmp_path)
     params = Params(train=selecting(eval_every=2))

@@ -106,7 +106,9 @@ def write_upstream(
             "created_at": ["2025-01-01"] * len(queries),
         },
     }
-    neighbors: dict[str, list] = {"query_id": [], "passage_id": [], "knn_rank": [], "knn_score": []}
+    neighbors: dict[str, list] = {
+        k: [] for k in ("query_id", "passage_id", "knn_rank", "knn_score", "bm25_rank", "bm25_score", "mined_by")
+    }
     scores: dict[str, list] = {
         k: [] for k in ("query_id", "passage_id", "knn_rank", "ql_sum", "ql_mean", "rc_logodds", "ql_rank", "rc_rank")
     }
@@ -117,6 +119,10 @@ def write_upstream(
             neighbors["passage_id"].append(passage_id)
             neighbors["knn_rank"].append(knn_rank)
             neighbors["knn_score"].append(knn_score)
+            # BM25 ranks the candidates in the reverse of the encoder's order: a bm25 weight shows.
+            neighbors["bm25_rank"].append(len(by_knn) + 1 - knn_rank)
+            neighbors["bm25_score"].append(float(knn_rank))
+            neighbors["mined_by"].append("knn")
             for key, value in (
                 ("query_id", query_id),
                 ("passage_id", passage_id),
@@ -311,6 +317,26 @@ def test_knn_only_weights_reproduce_the_encoder_order_without_llm_scores(tmp_pat
     assert {(ql, rc) for *_, ql, rc in got} == {(None, None)}
 
 
+def test_bm25_only_weights_rank_by_bm25_without_llm_scores(tmp_path):
+    wh_dir = write_upstream(tmp_path / "w", unscored=LLM_SCORES)
+    build(wh_dir, weights={"ql": 0, "rc": 0, "knn": 0, "bm25": 1})
+    got = query(wh_dir, "select fused_rank, bm25_rank, fused_score, bm25_score from fused_ranks")
+    assert got and all(fused == bm25 and score == 1 / bm25 for fused, bm25, score, _ in got)
+    assert all(s is not None for *_, s in got)
+
+
+def test_knn_and_bm25_fuse_as_hand_computed(tmp_path):
+    wh_dir = write_upstream(tmp_path / "w", unscored=LLM_SCORES)
+    build(wh_dir, weights={"ql": 0, "rc": 0, "knn": 1, "bm25": 2}, rrf_k=1)
+    got = query(wh_dir, "select query_id, passage_id, knn_rank, bm25_rank, fused_score, fused_rank from fused_ranks")
+    for *_, knn, bm25, score, _ in got:
+        assert score == pytest.approx(1 / (1 + knn) + 2 / (1 + bm25), rel=1e-12)
+    by_query: dict[str, list] = {}
+    for q, p, knn, _, score, rank in got:
+        by_query.setdefault(q, []).append((rank, -score, knn))
+    assert all(sorted(rows) == sorted(rows, key=lambda r: (r[1], r[2])) for rows in by_query.values())
+
+
 def test_ql_only_weights_rank_by_ql_and_leave_rc_unread(tmp_path):
     wh_dir = write_upstream(tmp_path / "w", unscored=("rc_logodds", "rc_rank"))
     build(wh_dir, weights={"ql": 1, "rc": 0, "knn": 0})
@@ -321,7 +347,7 @@ def test_ql_only_weights_rank_by_ql_and_leave_rc_unread(tmp_path):
 
 def test_a_weighted_signal_without_ranks_fails_naming_its_weight(tmp_path):
     wh_dir = write_upstream(tmp_path / "w", unscored=("rc_logodds", "rc_rank"))
-    with pytest.raises(ModelError, match=r"select\.weights\.rc is above 0 but llm_scores has no rc_rank for query q\d"):
+    with pytest.raises(ModelError, match=r"select\.weights\.rc is above 0 but there is no rc_rank for query q\d"):
         build(wh_dir)  # Gecko's default fuses RC
     assert not wh.stage_path("triples", wh_dir).exists()
     # The RC guard would pass every candidate without RC scores: it fails too instead of doing nothing.
@@ -346,7 +372,10 @@ def test_judge_weights_come_from_the_judge_metrics(warehouse, tmp_path, monkeypa
     metrics = tmp_path / "metrics" / "judge.json"
     metrics.parent.mkdir()
     metrics.write_text(json.dumps({"ndcg_at_10": {"ql": 0.5}}))
-    with pytest.raises(ParamsError, match=r"metrics/judge\.json has no best_weights object with keys ql, rc, knn"):
+    with pytest.raises(ParamsError, match=r"metrics/judge\.json has no best_weights object with keys among ql, rc, knn"):
+        build(warehouse, weights="judge")
+    metrics.write_text(json.dumps({"best_weights": {"ql": 1.0, "rc": 0.0, "bm25@x": 1.0}}))
+    with pytest.raises(ParamsError, match=r"has no best_weights object with keys among ql, rc, knn, bm25"):
         build(warehouse, weights="judge")
     metrics.write_text(json.dumps({"best_weights": {"ql": 0.0, "rc": 0.0, "knn": 0.0}}))
     with pytest.raises(ParamsError, match=r"best_weights is not usable: .*at least one of ql, rc, knn"):
@@ -358,6 +387,9 @@ def test_judge_weights_come_from_the_judge_metrics(warehouse, tmp_path, monkeypa
     metrics.write_text(json.dumps({"best_weights": {"ql": 1.0, "rc": 1.0, "knn": 0.0}}))
     build(warehouse, weights="judge")
     assert query(warehouse, FUSED) == query(warehouse, TWO_SIGNAL_FUSION.format(k=0))
+    metrics.write_text(json.dumps({"best_weights": {"ql": 0.0, "rc": 0.0, "knn": 0.0, "bm25": 1.0}}))
+    build(warehouse, weights="judge")
+    assert {fused == bm25 for fused, bm25 in query(warehouse, "select fused_rank, bm25_rank from fused_ranks")} == {True}
 
 
 # ---------------------------------------------------------------- positives
@@ -632,7 +664,8 @@ def test_report_counts_queries_without_positive_and_neighbors_never_scored(wareh
     con = duckdb.connect(str(wh.stage_path("neighbors", warehouse)), read_only=True)
     rows = con.sql("select * from neighbors").to_arrow_table()
     con.close()
-    extra = pa.table({"query_id": ["q1"], "passage_id": ["p19"], "knn_rank": [6], "knn_score": [0.1]})
+    extra = pa.table({"query_id": ["q1"], "passage_id": ["p19"], "knn_rank": [6], "knn_score": [0.1], "bm25_rank": [6],
+                      "bm25_score": [0.0], "mined_by": ["knn"]})
     with wh.write_stage("neighbors", warehouse=warehouse) as con:
         wh.write_table(con, "neighbors", pa.concat_tables([rows, extra.cast(rows.schema)]))
     build(warehouse)
@@ -710,7 +743,7 @@ def test_unknown_strategy_in_variables_is_a_build_error(warehouse):
     [{"range_min": -1}, {"range_min": 3, "range_max": 3}, {"num_negatives": 0}, {"relative_margin": 1.0},
      {"relative_margin": -0.1}, {"negative": "hardest"}, {"positive": "p2"}, {"rrf_k": -1},
      {"weights": {"ql": -1}}, {"weights": {"ql": 0, "rc": 0, "knn": 0}}, {"weights": {"ql": 0, "rc": 1e-7}},
-     {"weights": {"bm25": 1}}, {"weights": "best"}, {"weights": {"knn": float("inf")}}, {"round_trip_top_k": 0},
+     {"weights": {"bm25": -1}}, {"weights": "best"}, {"weights": {"knn": float("inf")}}, {"round_trip_top_k": 0},
      {"max_copy_rate": 1.5}, {"min_query_words": 0}, {"min_query_words": 5, "max_query_words": 4}],
 )  # fmt: skip
 def test_select_params_reject_out_of_range_values(bad):
@@ -721,7 +754,7 @@ def test_select_params_reject_out_of_range_values(bad):
 def test_select_defaults_follow_gecko():
     params = SelectParams()
     assert (params.rrf_k, params.positive, params.negative, params.num_negatives) == (0, "fused", "lowest", 1)
-    assert params.weights.model_dump() == {"ql": 1.0, "rc": 1.0, "knn": 0.0}
+    assert params.weights.model_dump() == {"ql": 1.0, "rc": 1.0, "knn": 0.0, "bm25": 0.0}
     filters = (params.round_trip_top_k, params.max_copy_rate, params.min_query_words, params.max_query_words)
     assert filters == (None, None, None, None) and not params.drop_duplicate_queries
 
@@ -729,7 +762,7 @@ def test_select_defaults_follow_gecko():
 def test_select_weights_read_from_params_yaml(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("select:\n  weights: {ql: 0.25, knn: 1}\n")
-    assert load_params(path).select.weights.model_dump() == {"ql": 0.25, "rc": 1.0, "knn": 1.0}
+    assert load_params(path).select.weights.model_dump() == {"ql": 0.25, "rc": 1.0, "knn": 1.0, "bm25": 0.0}
     path.write_text("select:\n  weights: judge\n")
     assert load_params(path).select.weights == "judge"
     path.write_text("select:\n  weights: {ql: 0, rc: 0}\n")

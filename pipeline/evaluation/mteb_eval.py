@@ -5,7 +5,8 @@ Local eval sets become mteb tasks: a BEIR folder (`corpus.jsonl`, `queries.jsonl
 `sentence1`, `sentence2`, `score`) a custom `AbsTaskSTS`, a labelled TSV (header `text label`) an
 `AbsTaskClassification` (logistic regression on a few `train.tsv` texts per label) or an
 `AbsTaskClusteringLegacy` (MiniBatchKMeans over seeded subsets). Files are parsed when the task is
-built, so a bad row fails before any model loads, with the file and line in the message.
+built (by the readers of `pipeline.labelled`), so a bad row fails before any model loads, with the
+file and line in the message.
 
 fret's encoder (anything with `encode(texts, batch_size=...) -> float32 array`, unit length) is
 handed to `mteb.evaluate` through `MtebEncoder`, which implements mteb's `EncoderProtocol` and
@@ -19,16 +20,16 @@ mteb and torch are imported inside the functions that need them (mteb takes seco
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+from pipeline.evaluation.intervals import compare, retrieval_per_query, sts_per_pair
+from pipeline.labelled import EvalDataError, held_out, read_beir, read_labelled, read_sts
 
 if TYPE_CHECKING:
     from pipeline.retrieval.encoder import TextFormat
@@ -50,10 +51,6 @@ MTEB_SEED = 42
 CLUSTER_SUBSET_SIZES = (1_000, 10_000)
 
 
-class EvalDataError(ValueError):
-    """An eval set that cannot be read; the message names the file and, where known, the line."""
-
-
 class TextEncoder(Protocol):
     """What evaluation needs from an encoder: `pipeline.retrieval.encoder.Encoder` satisfies it."""
 
@@ -61,204 +58,7 @@ class TextEncoder(Protocol):
 
 
 # --------------------------------------------------------------------------------------------
-# Reading eval sets
-
-
-@dataclass(frozen=True)
-class RetrievalSet:
-    """A BEIR split in memory: only the queries judged in the split's qrels are kept."""
-
-    corpus: list[dict[str, str]]  # id, title, text
-    queries: list[dict[str, str]]  # id, text
-    qrels: dict[str, dict[str, int]]  # query id -> {corpus id: relevance}
-
-
-@dataclass(frozen=True)
-class STSSet:
-    sentence1: list[str]
-    sentence2: list[str]
-    score: list[float]
-
-
-@dataclass(frozen=True)
-class LabelledSet:
-    """Texts with a class label each (classification and clustering sets), in file order."""
-
-    texts: list[str]
-    labels: list[str]
-
-    def select(self, keep: Sequence[bool]) -> "LabelledSet":
-        return LabelledSet(
-            [t for t, k in zip(self.texts, keep) if k], [lab for lab, k in zip(self.labels, keep) if k]
-        )
-
-
-def _read_jsonl(path: Path, fields: Sequence[str]) -> Iterable[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record) for each non-blank line; `fields` must be present as strings."""
-    if not path.is_file():
-        raise EvalDataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalDataError(f"{path}:{number}: not valid JSON: {err.msg}") from None
-            if not isinstance(record, dict):
-                raise EvalDataError(f"{path}:{number}: expected a JSON object")
-            for name in fields:
-                if not isinstance(record.get(name), str):
-                    raise EvalDataError(f"{path}:{number}: missing or non-string field {name!r}")
-            yield number, record
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    """Read a BEIR qrels TSV (`query-id corpus-id score`, header line first)."""
-    if not path.is_file():
-        raise EvalDataError(f"{path}: qrels file not found (the split is the file name: qrels/<split>.tsv)")
-    qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
-            raise EvalDataError(f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score', got {header!r}")
-        for number, row in enumerate(rows, start=2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != 3:
-                raise EvalDataError(f"{path}:{number}: expected 3 tab-separated columns, got {len(row)}")
-            try:
-                score = int(row[2])
-            except ValueError:
-                raise EvalDataError(f"{path}:{number}: score {row[2]!r} is not an integer") from None
-            qrels.setdefault(row[0], {})[row[1]] = score
-    if not qrels:
-        raise EvalDataError(f"{path}: no judgments")
-    return qrels
-
-
-def read_beir(folder: Path, split: str, holdout: float = 0.0) -> RetrievalSet:
-    """Read a BEIR folder's corpus, queries and `qrels/<split>.tsv`.
-
-    Queries without a judgment in the split are dropped (BEIR ships all splits' queries in one
-    file); a judged query or document that the files lack is an error, since silently dropping it
-    would change the score. With `holdout` > 0 only the held-out queries are kept (`split_queries`):
-    the dev set of a `train.mix` retrieval source that trains on the rest.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EvalDataError(f"{folder}: BEIR folder not found")
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    qrels = read_qrels(qrels_path)
-    corpus_path, queries_path = folder / "corpus.jsonl", folder / "queries.jsonl"
-    corpus = [
-        {"id": r["_id"], "title": r.get("title") or "", "text": r["text"]}
-        for _, r in _read_jsonl(corpus_path, ("_id", "text"))
-    ]
-    queries = [
-        {"id": r["_id"], "text": r["text"]} for _, r in _read_jsonl(queries_path, ("_id", "text")) if r["_id"] in qrels
-    ]
-    missing_queries = sorted(set(qrels) - {q["id"] for q in queries})
-    if missing_queries:
-        raise EvalDataError(f"{qrels_path}: query ids not in {queries_path}: {missing_queries[:5]}")
-    doc_ids = {d["id"] for d in corpus}
-    missing_docs = sorted({d for judged in qrels.values() for d in judged} - doc_ids)
-    if missing_docs:
-        raise EvalDataError(f"{qrels_path}: corpus ids not in {corpus_path}: {missing_docs[:5]}")
-    data = RetrievalSet(corpus=corpus, queries=queries, qrels=qrels)
-    if holdout <= 0:
-        return data
-    dev = split_queries(data, holdout, held=True)
-    if not dev.queries:
-        raise EvalDataError(f"{qrels_path}: holdout {holdout:g} leaves no query to score")
-    return dev
-
-
-def split_queries(data: RetrievalSet, holdout: float, held: bool) -> RetrievalSet:
-    """The queries on one side of a `holdout` cut (`held`: the held-out share), with their judgments.
-
-    The cut is `held_out` on the query text, so a `train.mix` retrieval source (held=False) and the
-    eval or dev set with the same holdout (held=True) are disjoint and together the whole split.
-    """
-    queries = [q for q in data.queries if held_out(q["text"], holdout) == held]
-    kept = {q["id"] for q in queries}
-    return RetrievalSet(corpus=data.corpus, queries=queries, qrels={q: d for q, d in data.qrels.items() if q in kept})
-
-
-def read_sts(path: Path) -> STSSet:
-    """Read an STS TSV with a header naming `sentence1`, `sentence2` and `score` (extra columns ignored).
-
-    The file is read without quote handling (STS Benchmark has bare `"` inside sentences).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: STS file not found")
-    out = STSSet([], [], [])
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None) or []
-        try:
-            cols = [header.index(name) for name in ("sentence1", "sentence2", "score")]
-        except ValueError:
-            raise EvalDataError(f"{path}:1: header must name sentence1, sentence2 and score, got {header!r}") from None
-        for number, row in enumerate(rows, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise EvalDataError(f"{path}:{number}: expected {len(header)} tab-separated columns, got {len(row)}")
-            try:
-                score = float(row[cols[2]])
-            except ValueError:
-                raise EvalDataError(f"{path}:{number}: score {row[cols[2]]!r} is not a number") from None
-            if not math.isfinite(score):
-                raise EvalDataError(f"{path}:{number}: score {row[cols[2]]!r} is not finite")
-            out.sentence1.append(row[cols[0]])
-            out.sentence2.append(row[cols[1]])
-            out.score.append(score)
-    if len(out.score) < 2:
-        raise EvalDataError(f"{path}: needs at least 2 pairs for a correlation")
-    return out
-
-
-def read_labelled(path: Path) -> LabelledSet:
-    """Read a labelled TSV: header `text<TAB>label`, one text and its label per line.
-
-    Read without quote handling (Banking77 and 20 Newsgroups have bare `"` in texts). A row must
-    have exactly two columns and a non-empty text and label; the set needs two labels or more.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: labelled file not found")
-    out = LabelledSet([], [])
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header is None or [h.strip() for h in header] != ["text", "label"]:
-            raise EvalDataError(f"{path}:1: expected the header 'text<TAB>label', got {header!r}")
-        for number, row in enumerate(rows, start=2):
-            if not row:
-                continue
-            if len(row) != 2:
-                raise EvalDataError(f"{path}:{number}: expected 2 tab-separated columns (text, label), got {len(row)}")
-            text, label = row[0].strip(), row[1].strip()
-            if not text or not label:
-                raise EvalDataError(f"{path}:{number}: empty {'text' if not text else 'label'}")
-            out.texts.append(text)
-            out.labels.append(label)
-    if len(set(out.labels)) < 2:
-        raise EvalDataError(f"{path}: needs texts of at least 2 labels, got {sorted(set(out.labels))}")
-    return out
-
-
-def held_out(text: str, fraction: float) -> bool:
-    """Whether `text` belongs to the held-out `fraction` of a set: decided by its content hash.
-
-    The same text always falls on the same side (duplicates never straddle train and dev), and
-    the dev split of a file is the same wherever it is cut (the train mix, the evaluate stage).
-    """
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+# Sampling eval sets (the readers are in pipeline/labelled.py)
 
 
 def clustering_subsets(n: int, n_subsets: int, seed: int = MTEB_SEED) -> list[list[int]]:
@@ -675,9 +475,24 @@ def summary(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines + ([extra] if extra else []))
 
 
-def write_outputs(results: dict[str, dict[str, dict[str, float]]], metrics_path: Path, plot_path: Path) -> None:
-    """Write the metrics JSON (model -> task -> metric) and the plot rows JSON."""
-    for path, content in ((metrics_path, results), (plot_path, plot_rows(results))):
+def intervals_lines(intervals: dict[str, dict[str, Any]]) -> str:
+    """One line per comparison and set: the difference and its paired bootstrap 95 % interval."""
+    lines = ["paired bootstrap, 95 % interval of the difference (nDCG@10 per query; STS: Spearman over pairs):"]
+    for comparison, by_set in intervals.items():
+        a_b = comparison.split("_vs_")
+        lines += [f"  {a_b[0]} - {a_b[1]}  {name}: {interval.line()}" for name, interval in by_set.items()]
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def write_outputs(
+    results: dict[str, dict[str, dict[str, float]]], metrics_path: Path, plot_path: Path, intervals: dict | None = None
+) -> None:
+    """Write the metrics JSON (model -> task -> metric, and `intervals`: comparison -> set ->
+    {diff, low, high}, the paired bootstrap 95 % interval) and the plot rows JSON."""
+    metrics = dict(results)
+    if intervals:
+        metrics["intervals"] = {k: {name: i.as_dict() for name, i in v.items()} for k, v in intervals.items()}
+    for path, content in ((metrics_path, metrics), (plot_path, plot_rows(results))):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
@@ -685,15 +500,23 @@ def write_outputs(results: dict[str, dict[str, dict[str, float]]], metrics_path:
 
 
 
-def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
-    """Score the base encoder (`encoder.model`) and, when its folder exists, the trained one (`train.output`).
+# The differences evaluate bounds with a paired bootstrap (b_vs_a: b minus a).
+COMPARISONS = (("base", "trained"), ("control", "trained"), ("base", "control"))
+
+
+def evaluate_models(
+    params: Any, root: Path, tasks: Sequence[Any]
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str], dict[str, dict[str, Any]]]:
+    """Score the base encoder (`encoder.model`) and, when their folders exist, the trained one
+    (`train.output`) and the control (`train.control_output`: the same recipe without the LLM's data).
 
     Both use the `encoder` section's settings; the Gecko templates apply to the base model's eval
     categories that `eval.base_prefixes` names and to the trained one's that `eval.prefixes` names.
 
     Returns:
-        ({"base"|"trained": {task: {metric: score}}}, {"base"|"trained": model identity}); each
-        model's scores also hold `versatility` (see `versatility`).
+        ({"base"|"trained"|"control": {task: {metric: score}}}, {model: identity}, intervals); each
+        model's scores also hold `versatility` (see `versatility`); intervals: {"trained_vs_base":
+        {set: Interval}, ...} over the retrieval and STS sets (pipeline/evaluation/intervals.py).
 
     Raises:
         pipeline.retrieval.encoder.EncoderError: a model folder that cannot be loaded.
@@ -709,8 +532,10 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
     models = {"base": enc.model}
     if full(params.train.output).is_dir():
         models["trained"] = str(full(params.train.output))
+    if (full(params.train.control_output) / "config.json").is_file():  # a control folder without one: none trained
+        models["control"] = str(full(params.train.control_output))
     cache = open_cache(None if enc.cache_path is None else full(enc.cache_path))
-    results, identities = {}, {}
+    results, identities, items = {}, {}, {}
     try:
         for label, model in models.items():
             encoder = Encoder.load(
@@ -726,7 +551,32 @@ def evaluate_models(params: Any, root: Path, tasks: Sequence[Any]) -> tuple[dict
                     scores |= run_tasks(wrapped, subset, batch_size=enc.batch_size)
             results[label] = {t.metadata.name: scores[t.metadata.name] for t in tasks}  # in the params' order
             results[label][VERSATILITY] = versatility(results[label], tasks)
+            items[label] = per_item_scores(CachedEncoder(encoder, cache), params, root, label)
     finally:
         if cache is not None:
             cache.close()
-    return results, identities
+    return results, identities, compare(items, COMPARISONS)
+
+
+def per_item_scores(encoder: "CachedEncoder", params: Any, root: Path, label: str) -> dict[str, Any]:
+    """Each retrieval set's nDCG@10 per query and each STS set's cosine per pair, for the bootstrap."""
+    from pipeline.retrieval.encoder import TextFormat
+
+    enc, ev = params.encoder, params.eval
+
+    def text_format(kind: str):
+        return TextFormat.from_params(enc) if ev.uses_prefixes(kind, label) else None
+
+    def full(path: Path) -> Path:
+        return path if path.is_absolute() else root / path
+
+    def embed(texts):
+        return encoder.encode(list(texts), batch_size=enc.batch_size)
+
+    out: dict[str, Any] = {}
+    for name, s in ev.retrieval.items():
+        out[name] = retrieval_per_query(embed, read_beir(full(s.path), s.split, s.holdout), s.task, text_format("retrieval"))
+    for name, s in ev.sts.items():
+        data = read_sts(full(s.path) / f"{s.split}.tsv")
+        out[name] = {"pred": sts_per_pair(embed, data, s.task, text_format("sts")), "gold": data.score}
+    return out

@@ -27,12 +27,15 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.labelled import read_beir, split_queries, stable_int
 from pipeline.llm.base import Decoding, JsonLLM
 from pipeline.llm.cache import CacheEntry, LLMCache, cache_key
+from pipeline.llm.prompt_file import PROMPTS_DIR, PromptFile
 from pipeline.params import FewShotParams, GenerateParams
+from pipeline.progress import progress_bar
 
 # Found from the code, not the working directory (tests and `fret` may run elsewhere).
-PROMPT_FILE = Path(__file__).resolve().parents[2] / "prompts" / "generate.jinja"
+PROMPT_FILE = PROMPTS_DIR / "generate.jinja"
 NAMESPACE = "generate"
 
 
@@ -71,12 +74,6 @@ class GenerationResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def stable_int(*parts: Any) -> int:
-    """A 63-bit integer from the parts' JSON: the same parts give the same number on every machine."""
-    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":"), default=str).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
 def sample_passages(passage_ids: Sequence[str], limit: int | None, seed: int) -> list[str]:
     """The `limit` passages with the smallest seeded hash (all when `limit` is None), in input order.
 
@@ -98,18 +95,12 @@ def query_id(passage_id: str, index: int) -> str:
     return "q" + hashlib.sha256(f"{passage_id}\0{index}".encode()).hexdigest()[:16]
 
 
-class PromptTemplate:
+class PromptTemplate(PromptFile):
     """The Jinja prompt file: its `system`/`user` macros and `examples` build the chat messages."""
 
     def __init__(self, path: str | Path = PROMPT_FILE):
-        import jinja2
-
-        self.path = Path(path)
-        self.source = self.path.read_text(encoding="utf-8")
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-        self._module = env.from_string(self.source).module
+        super().__init__(path)
         self.examples: list[dict[str, str]] = list(self._module.examples)
-        self.hash = hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
     def with_examples(self, examples: Sequence[dict[str, str]]) -> "PromptTemplate":
         """A copy whose examples of the given examples' task types are these (`generate.examples`).
@@ -154,8 +145,6 @@ def few_shot_examples(source: FewShotParams, seed: int, max_words: int) -> list[
         ValueError: the folder's files are missing or malformed (file named), the task does not fit
             the schema, or fewer than `n` queries are usable.
     """
-    from pipeline.evaluation.mteb_eval import read_beir, split_queries
-
     folder = source.path  # relative to the working directory, the repository root for the stages
     try:
         GeneratedQuery(task=source.task, query="a query that fits")
@@ -322,7 +311,7 @@ def generate_queries(
     batches = _batches(todo, params.batch_size)
     failures: list[dict[str, Any]] = []
     counts = Counter()
-    bar = _progress_bar(len(todo), progress)
+    bar = progress_bar(len(todo), "queries", "query", progress)
     gen_started = time.perf_counter()
     for b, batch in enumerate(batches):
         finished, batch_failures = _run_batch(llm, batch, params, template, counts)
@@ -544,14 +533,6 @@ def quality_report(queries: pa.Table, requested: int, failed: int) -> pa.Table:
     types = Counter(r["task_type"] for r in rows)
     metrics += [(f"task_type:{t}", c) for t, c in sorted(types.items())]
     return pa.table({"metric": [m for m, _ in metrics], "value": [float(v) for _, v in metrics]})
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="queries", unit="query", dynamic_ncols=True)
 
 
 def _advance(bar, n: int, tokens: int, seconds: float) -> None:

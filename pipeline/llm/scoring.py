@@ -26,7 +26,6 @@ Heavy imports (torch, transformers) happen inside functions: only stages import 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,9 +36,11 @@ import pyarrow as pa
 
 from pipeline.llm.base import LLM, QL, RC, Scorer, ScoreRequest
 from pipeline.llm.cache import LLMCache, cache_key
+from pipeline.llm.prompt_file import PROMPTS_DIR, PromptFile
 from pipeline.params import ScoreParams
+from pipeline.progress import progress_bar
 
-PROMPT_FILE = Path(__file__).resolve().parents[2] / "prompts" / "score.jinja"
+PROMPT_FILE = PROMPTS_DIR / "score.jinja"
 NAMESPACE = "score"
 # Bump when the computation of a score changes for the same prompt (answer-token rule, target span):
 # it is part of every cache key, so old entries stop matching.
@@ -82,20 +83,14 @@ order by query_id, knn_rank, passage_id
 """
 
 
-class ScoreTemplate:
+class ScoreTemplate(PromptFile):
     """The Jinja prompt file: `system`, `passage`, `query_likelihood`, `relevance` macros and the
     `yes_words` / `no_words` the RC answer is read from."""
 
     def __init__(self, path: str | Path = PROMPT_FILE):
-        import jinja2
-
-        self.path = Path(path)
-        self.source = self.path.read_text(encoding="utf-8")
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-        self._module = env.from_string(self.source).module
+        super().__init__(path)
         self.yes_words: list[str] = list(self._module.yes_words)
         self.no_words: list[str] = list(self._module.no_words)
-        self.hash = hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
     def _messages(self, title: str | None, text: str, instruction: str) -> list[dict[str, str]]:
         user = f"{self._module.passage(title, text)}\n\n{instruction}"
@@ -191,7 +186,7 @@ def score_relevance(
     # changes nothing but rounding.
     groups = _work_units(scorer, unique, todo, params.min_shared_prompts)
     per_pair = len(params.methods)  # prompts per pair
-    bar = _progress_bar(len(todo), progress)
+    bar = progress_bar(len(todo), "llm_scores", "prompt", progress)
     rows_before, tokens_before, prompt_tokens_before = scorer.forward_rows, scorer.forward_tokens, scorer.prompt_tokens
     score_started = time.perf_counter()
     batches = 0
@@ -267,6 +262,16 @@ def _scores_table(requests: list[ScoreRequest], done: dict[str, Any], llm: str, 
     return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
 
 
+def unscored_table(pairs: pa.Table) -> pa.Table:
+    """The `llm_scores` rows of `score.methods: []`: every mined pair, no LLM score (NULL), so the
+    selection downstream fuses only the encoder's and BM25's ranks."""
+    rows = [
+        {"query_id": q, "passage_id": p, "knn_rank": k, "llm": "none"}
+        for q, p, k in zip(*(pairs.column(c).to_pylist() for c in ("query_id", "passage_id", "knn_rank")))
+    ]
+    return rank_scores(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA))
+
+
 def rank_scores(scores: pa.Table) -> pa.Table:
     """`scores` with `ql_rank` and `rc_rank` per query (1 = highest score; ties by knn_rank, then id)."""
     import duckdb
@@ -277,14 +282,6 @@ def rank_scores(scores: pa.Table) -> pa.Table:
         return con.sql(RANK_SQL).to_arrow_table()
     finally:
         con.close()
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="llm_scores", unit="prompt", dynamic_ncols=True)
 
 
 def _advance(bar, n: int, per_pair: int, seconds: float) -> None:

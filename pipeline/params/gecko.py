@@ -18,7 +18,7 @@ GECKO: dict[str, PaperSetting] = {
         ["ql", "rc"], "the bundled SmolLM2-135M's RC ranks near noise on labelled data, so QL alone halves the LLM work"
     ),
     "select.weights": PaperSetting(
-        {"ql": 1.0, "rc": 1.0, "knn": 0.0}, "with RC not scored (score.methods), the fusion reads QL alone"
+        {"ql": 1.0, "rc": 1.0, "knn": 0.0, "bm25": 0.0}, "with RC not scored (score.methods), the fusion reads QL alone"
     ),
     "select.negative": PaperSetting(
         "lowest", "range, the hardest candidate the false-negative guard leaves, trained best on dev data"

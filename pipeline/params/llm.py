@@ -231,10 +231,10 @@ class ScoreParams(Section):
     )
     methods: list[Literal["ql", "rc"]] = Field(
         ["ql", "rc"],
-        min_length=1,
         description="The scores computed: ql (query likelihood), rc (relevance classification); Gecko scores "
-        "both. A method left out has NULL scores and ranks and halves the LLM work; cached prompts stay valid "
-        "either way (the cache holds one entry per prompt).",
+        "both. A method left out has NULL scores and ranks and halves the LLM work; []: no LLM work at all, the "
+        "mined pairs are written with NULL scores for a selection that fuses only knn and bm25. Cached prompts "
+        "stay valid either way (the cache holds one entry per prompt).",
     )
 
     @field_validator("methods")
@@ -273,6 +273,11 @@ class JudgeParams(Section):
     metrics_path: Path = Field(
         Path("metrics/judge.json"),
         description="nDCG@10 of each ranking and of a grid of fusion weights, and their best_weights.",
+    )
+    models: list[str] = Field(
+        [],
+        description="More LLMs judged beside llm.model, by QL (each a name or folder as llm.model takes, loaded "
+        "with the same llm settings): each is a signal of its own, ql@<name>, in the table and the grid.",
     )
 
     @field_validator("split")

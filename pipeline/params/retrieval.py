@@ -109,6 +109,20 @@ class HNSWParams(Section):
     )
 
 
+class BM25Params(Section):
+    """The lexical teacher (pipeline/retrieval/bm25.py): BM25 over the passages' title and text, Porter-stemmed,
+    Lucene's English stopwords removed (bm25s)."""
+
+    k1: float = Field(0.9, gt=0, description="Term-frequency saturation; 0.9 with b 0.4 is BEIR's setting.")
+    b: float = Field(0.4, ge=0, le=1, description="Length normalisation: 0 none, 1 full.")
+    top_n: int = Field(
+        0,
+        ge=0,
+        description="Hybrid mining: each query's top_n passages by BM25 join the encoder's top N (a union, as "
+        "InPars and DPR mine with BM25); 0: the encoder's candidates only (BM25 still ranks them, bm25_rank).",
+    )
+
+
 class NeighborsParams(Section):
     """Stage `neighbors`: each generated query's top N passages by cosine, exact or through a FAISS index."""
 
@@ -135,3 +149,6 @@ class NeighborsParams(Section):
     )
     ivf: IVFParams = IVFParams()
     hnsw: HNSWParams = HNSWParams()
+    # Every mined pair also gets its BM25 rank and score among the query's candidates (bm25_rank,
+    # bm25_score) and how it was mined (mined_by); a union with BM25's own top passages when top_n > 0.
+    bm25: BM25Params = BM25Params()

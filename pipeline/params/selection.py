@@ -12,7 +12,7 @@ from pipeline.params.base import ParamsError, Section
 
 
 class FusionWeights(Section):
-    """Weights of the three rankings fused by sql/fused_ranks.sql: R = sum of w / (k + rank).
+    """Weights of the rankings fused by sql/fused_ranks.sql: R = sum of w / (k + rank).
 
     Kept to the millionth (rounded here), so SQL computes R as an exact fraction over integers.
     """
@@ -22,21 +22,22 @@ class FusionWeights(Section):
         1.0, ge=0, allow_inf_nan=False, description="Relevance classification: P(relevant | query, passage)."
     )
     knn: float = Field(0.0, ge=0, allow_inf_nan=False, description="The encoder's own cosine order (neighbors).")
+    bm25: float = Field(0.0, ge=0, allow_inf_nan=False, description="BM25's order (neighbors: bm25_rank).")
 
-    @field_validator("ql", "rc", "knn")
+    @field_validator("ql", "rc", "knn", "bm25")
     @classmethod
     def _to_the_millionth(cls, value: float) -> float:
         return round(value, 6)
 
     @model_validator(mode="after")
     def _not_all_zero(self) -> "FusionWeights":
-        if not (self.ql or self.rc or self.knn):
-            raise ValueError("at least one of ql, rc, knn must be above 0 (weights count to the millionth)")
+        if not (self.ql or self.rc or self.knn or self.bm25):
+            raise ValueError("at least one of ql, rc, knn, bm25 must be above 0 (weights count to the millionth)")
         return self
 
     @classmethod
     def parse(cls, value: Any) -> "FusionWeights":
-        """Validate a `{ql, rc, knn}` mapping; ValueError with one line per problem."""
+        """Validate a `{ql, rc, knn, bm25}` mapping; ValueError with one line per problem."""
         try:
             return cls.model_validate(value)
         except ValidationError as err:
@@ -61,8 +62,9 @@ class SelectParams(Section):
         Discriminator(lambda v: "<judge>" if v == "judge" else "<numbers>"),
     ] = Field(
         FusionWeights(),
-        description="The rankings' weights in the fusion, {ql, rc, knn} (Gecko's: {ql: 1, rc: 1, knn: 0}); a "
-        "ranking of weight 0 is not read, so score.methods may skip it. judge: the judge stage's best_weights "
+        description="The rankings' weights in the fusion, {ql, rc, knn, bm25} (Gecko's: {ql: 1, rc: 1, knn: 0}; "
+        "bm25 is fret's lexical teacher); a ranking of weight 0 is not read, so score.methods may skip it (knn "
+        "and bm25 alone need no LLM scores: score.methods []). judge: the judge stage's best_weights "
         "(read from judge.metrics_path; run that stage first).",
     )
     positive: Literal["fused", "seed"] = Field(
@@ -168,8 +170,12 @@ class SelectParams(Section):
         except (OSError, ValueError) as err:
             raise ParamsError(f"{problem} is not readable JSON ({err}): {hint}") from None
         best = data.get("best_weights") if isinstance(data, dict) else None
-        if not isinstance(best, dict) or set(best) != set(FusionWeights.model_fields):
-            raise ParamsError(f"{problem} has no best_weights object with keys ql, rc, knn (got {best!r}): {hint}")
+        # A judge file from before BM25 was a signal has no bm25 key: a missing weight is 0.
+        if not isinstance(best, dict) or not best or not set(best) <= set(FusionWeights.model_fields):
+            raise ParamsError(
+                f"{problem} has no best_weights object with keys among ql, rc, knn, bm25 (got {best!r}): {hint}"
+            )
+        best = {name: best.get(name, 0.0) for name in FusionWeights.model_fields}
         try:
             return FusionWeights.parse(best)
         except ValueError as err:

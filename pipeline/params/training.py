@@ -212,10 +212,13 @@ class TrainParams(Section):
         "KL(teacher || student) over each query's LLM-scored candidates (table distill_candidates); 0: the "
         "contrastive loss alone.",
     )
-    distill_score: Literal["ql_sum", "ql_mean"] = Field(
+    distill_score: Literal["ql_sum", "ql_mean", "fused"] = Field(
         "ql_sum",
         description="The teacher: ql_sum = log P(query | passage), whose softmax over the candidates is the LLM's "
-        "posterior over them (uniform prior) at distill_temperature 1; ql_mean: the same per query token.",
+        "posterior over them (uniform prior) at distill_temperature 1; ql_mean: the same per query token; fused: "
+        "the log of the fused score R (every signal select.weights fuses: knn, bm25, ql, rc), so the teacher's "
+        "probabilities are proportional to R at distill_temperature 1 (RRF scores are close together: a "
+        "temperature near 0.05 sharpens them).",
     )
     distill_temperature: float = Field(
         1.0,
@@ -239,6 +242,14 @@ class TrainParams(Section):
         "there and ends with the uninterrupted run's weights. null: off.",
     )
     dev: DevParams = DevParams()
+    control: bool = Field(
+        True,
+        description="The control: after the model, train a second one on the train.mix examples alone (the very "
+        "examples the model mixed in, same settings and seed: the recipe without the LLM's data) and save it at "
+        "control_output; evaluate scores it beside base and trained, with paired bootstrap intervals. Without "
+        "train.mix there is nothing to train it on: control_output then holds only fret_control.json saying so.",
+    )
+    control_output: Path = Field(Path("models/fret-control"), description="The control model's folder.")
 
     @field_validator("mix", mode="before")
     @classmethod

@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.progress import progress_bar
+
 if TYPE_CHECKING:  # the encoder pulls in torch; only its type is needed here
     from pipeline.retrieval.encoder import Encoder
 
@@ -159,11 +161,7 @@ def encode_cached(
     # Longest first across all chunks, so each chunk's batches are already of similar length.
     missing = sorted((i for i in range(len(distinct)) if i not in found), key=lambda i: -len(distinct[i]))
     stats.embedded = len(missing)
-    bar = None
-    if progress and missing:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(missing), unit="text", desc=desc, smoothing=0.1)
+    bar = progress_bar(len(missing), desc, "text", progress)
     try:
         for start in range(0, len(missing), chunk_size):
             rows = missing[start : start + chunk_size]

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.device import DeviceError, resolve_device, resolve_dtype
+from pipeline.progress import progress_bar
 from pipeline.warehouse.files import _alive
 
 DEFAULT_MODEL = "minilm"
@@ -198,29 +200,6 @@ def _tokenizer_bytes(tokenizer) -> bytes:
     return json.dumps(spec, sort_keys=True).encode()
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """`auto` means cuda when a GPU is visible, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def training_dtype(choice: str, device: torch.device) -> str:
-    """The autocast dtype to train and encode in: "auto" is bfloat16 where the hardware computes it natively.
-
-    That is a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or AMX; elsewhere bf16 is
-    emulated and slower than float32. Weights, optimizer state and the loss stay float32.
-    """
-    if choice != "auto":
-        return choice
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    # Private helpers of torch.cpu (used by inductor); a torch without them reads as "not native".
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    native = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-    return "bfloat16" if device.type == "cpu" and native else "float32"
-
-
 class Encoder:
     """A mean-pooled, L2-normalised transformer encoder.
 
@@ -281,10 +260,11 @@ class Encoder:
         """Load a model folder, or "minilm" for the bundled all-MiniLM-L6-v2.
 
         Args:
-            device: "auto" (cuda if available), "cpu" or "cuda".
-            dtype: weights stay float32; "bfloat16" runs the forward pass under autocast; "auto" is
-                bfloat16 where the device computes it natively, else float32 (the rule of
-                `train.dtype`). The resolved name is `Encoder.dtype`, hence part of the fingerprint.
+            device: "auto" (cuda if available), "cpu" or "cuda" (`pipeline.device.resolve_device`).
+            dtype: weights, optimizer state and the loss stay float32; "bfloat16" runs the forward
+                pass under autocast; "auto" is bfloat16 where the device computes it natively, else
+                float32 (`pipeline.device.resolve_dtype`, the rule of `train.dtype` and `llm.dtype`).
+                The resolved name is `Encoder.dtype`, hence part of the fingerprint.
             max_length: tokens per text; None takes the folder's `max_seq_length`.
             threads: torch intra-op threads (the `base.threads` param); None leaves torch's default.
             attention_dropout: the dropout on attention probabilities while training (the
@@ -295,15 +275,18 @@ class Encoder:
 
         if threads is not None:
             torch.set_num_threads(threads)
-        if dtype == "auto":
-            dtype = training_dtype(dtype, pick_device(device))  # one "native bf16" rule for train and encoder
+        try:
+            device = resolve_device(device)
+            dtype = resolve_dtype(dtype, device)
+        except DeviceError as err:
+            raise EncoderError(str(err)) from None
         folder, name = resolve_model_path(path_or_name)
         _check_architecture(folder)
         st_config = _read_json(folder / "sentence_bert_config.json")
         tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
         module = AutoModel.from_pretrained(folder, **_dropout_override(folder, attention_dropout))
         # transformers 5 loads in the checkpoint's dtype; autocast, not the weights, decides bf16.
-        module = module.to(device=pick_device(device), dtype=torch.float32).eval()
+        module = module.to(device=device, dtype=torch.float32).eval()
         limit = getattr(module.config, "max_position_embeddings", None) or 512
         if max_length is None:
             max_length = st_config.get("max_seq_length") or min(tokenizer.model_max_length, limit)
@@ -315,7 +298,7 @@ class Encoder:
             name=name,
             max_length=max_length,
             dtype=dtype,
-            device=pick_device(device),
+            device=device,
             do_lower_case=bool(st_config.get("do_lower_case", False)),
         )
 
@@ -469,11 +452,7 @@ class Encoder:
         ids = self.tokenize(texts)
         spans = self._instruction_spans(texts, ids)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), unit="text", desc=f"encode {self.name}", smoothing=0.1)
+        bar = progress_bar(len(ids), f"encode {self.name}", "text", progress)
         was_training = self.module.training
         self.module.eval()
         try:

@@ -58,9 +58,9 @@ def distributed(device: str) -> Iterator[World]:
         return
     import torch.distributed as dist
 
-    from pipeline.retrieval.encoder import pick_device
+    from pipeline.device import resolve_device
 
-    on_cuda = pick_device(device).type == "cuda"
+    on_cuda = torch.device(resolve_device(device)).type == "cuda"
     if on_cuda:
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():

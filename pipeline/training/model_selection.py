@@ -12,7 +12,7 @@ steps and at the last step, and keeps a CPU copy of the best weights; a step mus
 earlier one to be chosen, so step 0 wins when training never helps. Evaluation runs with dropout
 off and the torch RNG forked, so training draws the same numbers with selection on or off.
 
-Sets are read with `pipeline.evaluation.mteb_eval`'s readers, so a dev file fails the way an eval file does.
+Sets are read with `pipeline.labelled`'s readers, so a dev file fails the way an eval file does.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation.mteb_eval import read_beir, read_sts
+from pipeline.labelled import read_beir, read_sts
 
 # The cut-off of the retrieval score (BEIR's and MTEB's main metric).
 NDCG_K = 10
@@ -138,7 +138,7 @@ class DevScorer:
         as `eval.prefixes` scores them, so the step chosen is the best in the format it is evaluated in.
 
         Raises:
-            pipeline.evaluation.mteb_eval.EvalDataError: a file is missing or malformed (file and line named).
+            pipeline.labelled.EvalDataError: a file is missing or malformed (file and line named).
         """
 
         def full(path: Path) -> Path:

@@ -86,7 +86,7 @@ def params_yaml(llm_dir: Path, bert_dir: Path, seed: int = 42, **sections: str) 
         "encoder": f"{{model: '{bert_dir}', cache_path: null}}",
         # A checkpoint every 10 of the 80 steps: a killed run resumes (kills land between checkpoints too).
         "train": "{batch_size: 4, max_steps: 80, warmup_ratio: 0.1, mrl_dims: [16, 8], lr: 1.0e-3, checkpoint_every: 10, "
-        "mix: null}",
+        "mix: null, control: false}",
     }
     base.update(sections)
     return "".join(f"{k}: {v}\n" for k, v in base.items())
@@ -121,7 +121,7 @@ def neighbors_table(n_queries: int = 10, n_passages: int = 10, top_n: int = 6):
 
     rows = [
         {"query_id": f"q{q:02d}", "passage_id": f"d{(q + k) % n_passages:02d}#0", "knn_rank": k + 1,
-         "knn_score": 1.0 - k / 10}
+         "knn_score": 1.0 - k / 10, "bm25_rank": top_n - k, "bm25_score": float(k), "mined_by": "knn"}
         for q in range(n_queries) for k in range(top_n)
     ]  # fmt: skip
     return pa.Table.from_pylist(rows)

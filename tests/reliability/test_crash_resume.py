@@ -105,7 +105,7 @@ def check_after_kill(project: Path, stage: str, before: dict, reference, pid: in
         old = {k[len("fret-encoder/"):]: v for k, v in before["models"].items() if k.startswith("fret-encoder/")}
         if model != old:  # only a complete new model may replace the old one
             assert outputs_digest(project, "train")["model"] == reference.digest["model"]
-        for name in {p.split("/")[0] for p in after["models"]} - {"fret-encoder"}:
+        for name in {p.split("/")[0] for p in after["models"]} - {"fret-encoder", "fret-control"}:
             assert re.fullmatch(rf"\.fret-encoder\.(tmp|old)-{pid}", name), f"unexpected in models/: {name}"
 
 
@@ -149,7 +149,7 @@ def test_kill_anywhere_then_resume(stage, n_points, reference, rel_llm_dir, tiny
     expected = {"passages", "queries", "neighbors", "triples"} | ({stage} if stage != "train" else set())
     assert sorted(p.name for p in (project / "warehouse").iterdir()) == sorted(f"{s}.duckdb" for s in expected)
     if stage == "train":
-        assert sorted(p.name for p in (project / "models").iterdir()) == ["fret-encoder"]
+        assert sorted(p.name for p in (project / "models").iterdir()) == ["fret-control", "fret-encoder"]  # the control: written after the model
         assert not (project / CHECKPOINTS).exists()  # removed once the model is saved
         return
     check_no_cached_call_redone(stage, log, cached, prompts)
@@ -188,7 +188,7 @@ def test_a_crash_while_saving_the_model_keeps_the_previous_one(crash_on, tiny_be
     import torch
 
     from pipeline.retrieval.encoder import Encoder
-    from pipeline.training.loop import write_model
+    from pipeline.training.model_card import write_model
 
     target = tmp_path / "models" / "fret-encoder"
     previous_output(tmp_path, "train", tiny_bert_dir)
