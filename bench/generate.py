@@ -64,7 +64,10 @@ def main() -> None:
     )
     warm, passages = table.slice(0, 1), table.slice(1)
     base = BaseParams(threads=args.threads, device="cpu")
-    params = GenerateParams(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_failure_rate=1.0)
+    # limit=None: a query for every passage given, not for generate.limit's sample of them.
+    params = GenerateParams(
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_failure_rate=1.0, limit=None
+    )
     t0 = time.perf_counter()
     llm = load_llm(LLMParams(dtype=args.dtype), base)
     print(f"model {llm.identity} loaded in {time.perf_counter() - t0:.1f} s, {args.threads} thread(s), dtype {args.dtype}")

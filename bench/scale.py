@@ -77,7 +77,10 @@ def measure_generation(llm, args) -> float:
     from pipeline.llm.generate import generate_queries
     from pipeline.params import GenerateParams
 
-    params = GenerateParams(batch_size=args.gen_batch, max_new_tokens=args.max_new_tokens, max_failure_rate=1.0)
+    # limit=None: a query for every passage given, not for generate.limit's sample of them.
+    params = GenerateParams(
+        batch_size=args.gen_batch, max_new_tokens=args.max_new_tokens, max_failure_rate=1.0, limit=None
+    )
     passages = sample_passages(args.gen_passages + 1)
     generate_queries(passages.slice(0, 1), llm, params, args.seed, LLMCache(None), progress=False)  # warm-up
     result = generate_queries(passages.slice(1), llm, params, args.seed, LLMCache(None), progress=False)

@@ -115,17 +115,28 @@ def build_command(sql_dir: Path, stage: str, params_file: Path, warehouse: Path)
 
 @main.command("params")
 @click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path), default=Path("params.yaml"))
-def params_command(params_file: Path) -> None:
-    """Validate a params file and print the effective values (defaults filled in)."""
-    import yaml
-
+@click.option("--values", "mode", flag_value="values", help="Only the effective values, as YAML.")
+@click.option(
+    "--markdown", "mode", flag_value="markdown",
+    help="The reference of every key, with PARAMS's values where they differ from the defaults: docs/params.md.",
+)  # fmt: skip
+def params_command(params_file: Path, mode: str | None) -> None:
+    """Validate a params file and print every key: its effective value (defaults filled in) and description."""
     from pipeline.params import ParamsError, load_params
+    from pipeline.params.docs import describe, markdown
 
     try:
         params = load_params(params_file)
     except ParamsError as err:
         raise click.ClickException(str(err)) from None
-    click.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).rstrip())
+    if mode == "values":
+        import yaml
+
+        click.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).rstrip())
+    elif mode == "markdown":
+        click.echo(markdown(params), nl=False)
+    else:
+        click.echo(describe(params))
 
 
 @main.command("report")

@@ -4,8 +4,9 @@ with
 settings as (
     select
         case
-            when getvariable('train_distill_score') in ('ql_sum', 'ql_mean') then getvariable('train_distill_score')
-            else error('train_distill_score must be ql_sum or ql_mean, got '
+            when getvariable('train_distill_score') in ('ql_sum', 'ql_mean', 'fused')
+                then getvariable('train_distill_score')
+            else error('train_distill_score must be ql_sum, ql_mean or fused, got '
                 || coalesce(getvariable('train_distill_score')::varchar, 'NULL'))
         end as distill_score
 ),
@@ -34,6 +35,10 @@ scored as (
         case settings.distill_score
             when 'ql_sum' then fused_ranks.ql_sum
             when 'ql_mean' then fused_ranks.ql_mean
+            -- The fused teacher (every signal select.weights reads): ln R, so that softmax(teacher / T)
+            -- is R normalised over the candidates at T = 1. R > 0 for every candidate (fused_ranks fails on a
+            -- weighted signal without a rank, and at least one weight is above 0), so the log is defined.
+            when 'fused' then ln(fused_ranks.fused_score)
         end as teacher_score
     from fused_ranks
     cross join settings

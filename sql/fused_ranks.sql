@@ -4,7 +4,7 @@ with
 settings as (
     select
         getvariable('select_rrf_k')::bigint as rrf_k,
-        -- Weights arrive rounded to the millionth (pipeline/params.py), so in millionths they are
+        -- Weights arrive rounded to the millionth (pipeline/params/selection.py), so in millionths they are
         -- integers and R below stays a fraction of integers. Gecko: ql 1, rc 1, knn 0.
         round(getvariable('select_weights_ql')::double * 1000000)::bigint as ql_units,
         round(getvariable('select_weights_rc')::double * 1000000)::bigint as rc_units,

@@ -228,7 +228,7 @@ def test_stage_resumes_says_so_and_removes_the_checkpoint(tiny_bert_dir, tmp_pat
         (root / "params.yaml").write_text(
             f"base:\n  threads: 1\n  device: cpu\nencoder:\n  model: {tiny_bert_dir}\n  cache_path: null\n"
             "train:\n  batch_size: 4\n  max_steps: 7\n  mrl_dims: [16]\n  lr: 1.0e-3\n  dtype: float32\n"
-            "  checkpoint_every: 2\n"
+            "  checkpoint_every: 2\n  mix: null\n"
         )
         return root
 

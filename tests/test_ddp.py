@@ -39,7 +39,7 @@ def make_project(root: Path, model: Path, nproc: int) -> Path:
     (root / "params.yaml").write_text(
         f"base:\n  threads: 1\n  device: cpu\nencoder:\n  model: {model}\n  cache_path: null\n"
         f"train:\n  batch_size: 3\n  epochs: 2\n  mrl_dims: [16]\n  lr: 1.0e-3\n  warmup_ratio: 0.0\n"
-        f"  dtype: float32\n  nproc_per_node: {nproc}\n"
+        f"  dtype: float32\n  nproc_per_node: {nproc}\n  mix: null\n"
     )
     return root
 

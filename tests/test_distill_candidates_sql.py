@@ -46,6 +46,22 @@ def test_ql_mean_is_the_other_teacher_and_kept_queries_follow_triples(warehouse)
     assert {q for q, _ in got} == {"q1", "q2", "q3", "q5"}  # q3 kept in triples, so listed too
 
 
+def test_fused_teacher_is_the_log_of_the_fused_score(warehouse):
+    import math
+
+    build(warehouse, distill_score="fused", weights={"ql": 1, "rc": 0, "knn": 1})
+    got = query(
+        warehouse,
+        "select d.query_id, d.passage_id, d.teacher_score, f.fused_score from distill_candidates d "
+        "join fused_ranks f using (query_id, passage_id)",
+    )
+    assert got and all(t == pytest.approx(math.log(r)) for _, _, t, r in got)
+    # softmax(teacher) within a query is R normalised: the order follows the fusion, knn included.
+    q1 = sorted((t, p) for q, p, t, _ in got if q == "q1")
+    ranks = dict(query(warehouse, "select passage_id, fused_rank from fused_ranks where query_id = 'q1'"))
+    assert [p for _, p in reversed(q1)] == sorted(ranks, key=ranks.get)
+
+
 def test_empty_without_distillation_and_triples_unchanged(warehouse):
     build(warehouse)
     with_distill = query(warehouse, "select * from triples order by all")
@@ -55,7 +71,7 @@ def test_empty_without_distillation_and_triples_unchanged(warehouse):
 
 
 def test_unknown_teacher_is_a_build_error(warehouse):
-    with pytest.raises(ModelError, match="train_distill_score must be ql_sum or ql_mean"):
+    with pytest.raises(ModelError, match="train_distill_score must be ql_sum, ql_mean or fused"):
         build(warehouse, distill_score="rc_logodds")
 
 

@@ -74,18 +74,18 @@ def test_flat_matches_exact_on_unit_vectors_up_to_float_rounding():
 def test_ivf_reaches_the_stated_recall_and_is_seeded():
     queries, passages = clustered_set()
     truth, _ = top_n_search(queries, passages, 20)
-    found, _ = faiss_search(queries, passages, chunks=4, method="faiss_ivf", ivf={"nprobe": 8}, seed=7)
+    found, _ = faiss_search(queries, passages, chunks=4, method="faiss_ivf", top_n=20, ivf={"nprobe": 8}, seed=7)
     assert recall(found, truth) >= IVF_RECALL
-    again, _ = faiss_search(queries, passages, chunks=2, method="faiss_ivf", ivf={"nprobe": 8}, seed=7)
+    again, _ = faiss_search(queries, passages, chunks=2, method="faiss_ivf", top_n=20, ivf={"nprobe": 8}, seed=7)
     np.testing.assert_array_equal(again, found)  # same seed and threads: the same cells and lists
-    one_probe, _ = faiss_search(queries, passages, method="faiss_ivf", ivf={"nprobe": 1}, seed=7)
+    one_probe, _ = faiss_search(queries, passages, method="faiss_ivf", top_n=20, ivf={"nprobe": 1}, seed=7)
     assert recall(one_probe, truth) < recall(found, truth)  # nprobe is the knob it claims to be
 
 
 def test_hnsw_reaches_the_stated_recall():
     queries, passages = clustered_set()
     truth, _ = top_n_search(queries, passages, 20)
-    found, score = faiss_search(queries, passages, chunks=3, method="faiss_hnsw",
+    found, score = faiss_search(queries, passages, chunks=3, method="faiss_hnsw", top_n=20,
                                 hnsw={"m": 16, "ef_construction": 64, "ef_search": 64})  # fmt: skip
     assert recall(found, truth) >= HNSW_RECALL
     assert (np.diff(score, axis=1) <= 0).all()  # best first

@@ -16,11 +16,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run by every stage, left out of the deps on purpose (see the comment at the top of dvc.yaml).
-NOT_DEPS = {"pipeline/__init__.py", "pipeline/params.py", "python_steps/__init__.py"}
+NOT_DEPS = {"pipeline/__init__.py", "python_steps/__init__.py"} | {
+    str(p.relative_to(ROOT)) for p in (ROOT / "pipeline" / "params").glob("*.py")
+}
 # A module longer than this holds more than one concern: split it by what its parts do.
 MAX_LINES = 700
 # Over MAX_LINES and still to be split; an entry that fits again must leave (the test says so).
-TOO_LONG_FOR_NOW = {"pipeline/params.py"}
+TOO_LONG_FOR_NOW: set[str] = set()
 
 
 def module_file(name: str) -> Path | None:

@@ -120,7 +120,7 @@ def test_params_defaults_and_template_checks(tmp_path):
     (tmp_path / "c.jsonl").write_text("")
     (tmp_path / "params.yaml").write_text("corpus:\n  path: c.jsonl\n")
     params = load_params(tmp_path / "params.yaml")
-    assert params.encoder.model == "minilm" and params.neighbors.top_n == 20
+    assert params.encoder.model == "minilm" and params.neighbors.top_n == 10
     assert params.encoder.query_template == "task: {task} | query: {query}"
     bad = "corpus:\n  path: c.jsonl\nencoder:\n  query_template: 'q: {question}'\nneighbors:\n  top_n: 1\n"
     (tmp_path / "params.yaml").write_text(bad)

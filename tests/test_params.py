@@ -79,3 +79,15 @@ def test_sql_variables_skip_values_duckdb_cannot_hold(tmp_path):
     con = duckdb.connect()
     for name, value in variables.items():
         con.execute(f'SET VARIABLE "{name}" = ?', [value])
+
+
+def test_mix_sources_validate_again_from_their_dump(tmp_path):
+    # fret_training.json keeps train as model_dump: every default written, options of other kinds included.
+    (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t5\n")
+    (tmp_path / "beir" / "qrels").mkdir(parents=True)
+    (tmp_path / "beir" / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    text = "train:\n  mix:\n    - {path: pairs.tsv, fraction: 0.1}\n    - {path: beir, kind: retrieval, task: Find, fraction: 0.1}\n"
+    train = load_params(write(tmp_path, text)).train
+    assert type(train).model_validate(train.model_dump(mode="json")) == train
+    with pytest.raises(ParamsError, match="min_score applies to kind: pairs"):
+        load_params(write(tmp_path, text.replace("task: Find,", "task: Find, min_score: 3,")))

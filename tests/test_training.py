@@ -524,7 +524,9 @@ def run_stage(folder: Path, bert_dir: Path, n: int, train_yaml: str, monkeypatch
 
     (folder / "warehouse").mkdir()
     write_triples(folder / "warehouse" / "triples.duckdb", n=n)
-    (folder / "params.yaml").write_text(f"encoder:\n  model: {bert_dir}\n  cache_path: null\ntrain:\n{train_yaml}")
+    # No labelled mix unless the test gives one: the default mixes in data/sample's claims, absent here.
+    mix = "" if "mix:" in train_yaml else "  mix: null\n"
+    (folder / "params.yaml").write_text(f"encoder:\n  model: {bert_dir}\n  cache_path: null\ntrain:\n{train_yaml}{mix}")
     monkeypatch.chdir(folder)
     stage.main()
 
@@ -700,7 +702,7 @@ def test_stage_with_distillation_and_selection(tiny_bert_dir, tmp_path, monkeypa
     (dev / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nk1\tc6\t1\n")
     (tmp_path / "params.yaml").write_text(
         f"encoder:\n  model: {tiny_bert_dir}\n  cache_path: null\n"
-        "train:\n  batch_size: 3\n  epochs: 2\n  mrl_dims: [16]\n  lr: 1.0e-4\n  distill_weight: 0.5\n"
+        "train:\n  batch_size: 3\n  epochs: 2\n  mrl_dims: [16]\n  lr: 1.0e-4\n  distill_weight: 0.5\n  mix: null\n"
         "  eval_every: 2\n  dev:\n    retrieval:\n      tiny_dev: {path: dev, split: dev, task: Find the passage}\n"
     )
     monkeypatch.chdir(tmp_path)

@@ -1,7 +1,7 @@
 """`load_llm`: the one loading path, the backend `llm.backend` names.
 
 A new backend is a module implementing `pipeline.llm.base.LLM` (and its `Scorer`), a branch here,
-and its name among the `llm.backend` choices in pipeline/params.py.
+and its name among the `llm.backend` choices in pipeline/params/llm.py.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def params_yaml(llm_dir: Path, bert_dir: Path, seed: int = 42, **sections: str) 
         "score": "{batch_size: 3, max_passage_tokens: 48}",
         "encoder": f"{{model: '{bert_dir}', cache_path: null}}",
         # A checkpoint every 10 of the 80 steps: a killed run resumes (kills land between checkpoints too).
-        "train": "{batch_size: 4, max_steps: 80, warmup_ratio: 0.1, mrl_dims: [16, 8], lr: 1.0e-3, checkpoint_every: 10, control: false}",
+        "train": "{batch_size: 4, max_steps: 80, warmup_ratio: 0.1, mrl_dims: [16, 8], lr: 1.0e-3, checkpoint_every: 10, "
+        "mix: null, control: false}",
     }
     base.update(sections)
     return "".join(f"{k}: {v}\n" for k, v in base.items())
