@@ -17,8 +17,8 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_SOURCE = HERE.parents[1] / ".." / "shared" / "eval" / "scifact"  # ../shared/eval/scifact from the repo root
-# md5 of the source files as published in /work/shared/eval/README.md: a different input is refused,
+DEFAULT_SOURCE = HERE.parents[1] / "data" / "eval" / "scifact"  # data/eval/scifact in the repository
+# md5 of the source files as listed in data/eval/README.md: a different input is refused,
 # since SOURCE.md would then describe data the sample was not made from.
 SOURCE_MD5 = {
     "corpus.jsonl": "26537f8ae036fdb77d847ec4f7ac1858",
@@ -95,13 +95,13 @@ retrieval eval set that matches it.
 SciFact (Wadden et al. 2020, "Fact or Fiction: Verifying Scientific Claims", EMNLP;
 https://github.com/allenai/scifact), in the BEIR release (Thakur et al. 2021,
 https://github.com/beir-cellar/beir). License: CC BY-NC 2.0, see `LICENSE` here.
-Read from the project's checked copy, `shared/eval/scifact/` (md5 as listed in its README):
+Read from the repository's copy, `data/eval/scifact/` (md5 as listed in `data/eval/README.md`):
 
 | file | md5 |
 |---|---|
 """ + "".join(f"| `{name}` | `{digest}` |\n" for name, digest in SOURCE_MD5.items()) + f"""
 ## How it was made
-`python data/sample/make_sample.py ../shared/eval/scifact --docs {n_docs} --seed {seed}`
+`python data/sample/make_sample.py data/eval/scifact --docs {n_docs} --seed {seed}`
 (the script is beside this file and checks the source md5s first):
 
 - all {counts['queries']} test queries (`qrels/test.tsv`) and all {counts['judgments']} of their judgments;
